@@ -1,0 +1,90 @@
+"""The one place that maps an array type to a backend module.
+
+NumPy arrays go to ``cpu``; CuPy arrays, anything with
+``__cuda_array_interface__`` and the CUDA simulator's device arrays go to
+``cuda``, which is imported only then, so importing numba_bn never imports
+CuPy or touches CUDA.
+"""
+import sys
+
+import numpy as np
+
+from . import cpu
+
+_SIMULATOR_ARRAY_MODULE = "numba.cuda.simulator.cudadrv.devicearray"
+
+
+def is_gpu_array(a):
+    """Whether ``a`` is an array of the GPU backend.
+
+    Raises
+    ------
+    TypeError
+        For a PyTorch CUDA tensor that requires grad, whose
+        ``__cuda_array_interface__`` refuses to export it.
+    """
+    if "cupy" in sys.modules and isinstance(a, sys.modules["cupy"].ndarray):
+        return True
+    simulator = sys.modules.get(_SIMULATOR_ARRAY_MODULE)
+    if simulator is not None and isinstance(a, simulator.FakeCUDAArray):
+        return True
+    try:
+        return hasattr(a, "__cuda_array_interface__")
+    except RuntimeError as exc:  # torch: "Can't export tensors that require gradient"
+        raise TypeError(
+            f"cannot read this CUDA array ({exc}); pass tensor.detach()"
+        ) from exc
+
+
+def device_of(a):
+    """``"cpu"`` or ``"cuda"``: the device an array lives on.
+
+    Raises
+    ------
+    TypeError
+        When ``a`` is no array of either backend.
+    """
+    return backend_for(a)[0].DEVICE
+
+
+def backend_for(x):
+    """The backend module for input ``x``, and ``x`` as that backend reads it.
+
+    Parameters
+    ----------
+    x : array
+        A NumPy array, a CuPy array, any object with
+        ``__cuda_array_interface__``, or a CUDA-simulator device array.
+
+    Returns
+    -------
+    backend : module
+        ``numba_bn.cpu`` or ``numba_bn.cuda``.
+    array
+        ``x``, or a zero-copy Numba device array view of a foreign CUDA
+        object (so that ``dtype``/``shape`` are NumPy's).
+
+    Raises
+    ------
+    TypeError
+        For anything else (lists, CPU tensors, ...).
+    """
+    if isinstance(x, np.ndarray):
+        return cpu, x
+    if is_gpu_array(x):
+        from . import cuda
+        return cuda, cuda.as_device_array(x)
+    raise TypeError(
+        f"expected a numpy.ndarray or a CUDA array, got {type(x).__name__}"
+        " (convert it with numpy.asarray, or use a CuPy array)"
+    )
+
+
+def backend_named(device):
+    """The backend module for a device name, ``"cpu"`` or ``"cuda"``."""
+    if device == "cpu":
+        return cpu
+    if device == "cuda":
+        from . import cuda
+        return cuda
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

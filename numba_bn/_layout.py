@@ -1,0 +1,101 @@
+"""The canonical (N, C, R, S) view that every kernel of both backends reads.
+
+Batch norm reduces over every axis but the channel axis. The kernels see the
+input as a 4-d array ``(N, C, R, S)`` with arbitrary strides: the spatial axes
+(none for ``(N, C)``, ``L``, ``H, W`` or ``D, H, W``) are merged into at most
+two axes ``R`` and ``S`` wherever their strides allow it without a copy. Any
+1-d or 2-d input and any 3-d input whose strides merge one pair of spatial
+axes (contiguous, channels-last, most slices) therefore needs no copy, and
+the kernels are compiled for a single number of dimensions.
+"""
+
+
+def merge_spatial(shape, strides):
+    """Merge spatial axes whose strides allow it.
+
+    Parameters
+    ----------
+    shape, strides : tuple of int
+        The spatial part of an array's shape and its strides (in bytes or in
+        elements, as long as both are in the same unit).
+
+    Returns
+    -------
+    list of (int, int)
+        ``(size, stride)`` per merged axis, outermost first; axes of size 1
+        are dropped (their stride never matters), so an empty list means one
+        element per channel and sample.
+    """
+    merged = []
+    for size, stride in zip(reversed(shape), reversed(strides)):
+        if size == 1:
+            continue
+        if merged and stride == merged[-1][0] * merged[-1][1]:
+            inner_size, inner_stride = merged[-1]
+            merged[-1] = (size * inner_size, inner_stride)
+        else:
+            merged.append((size, stride))
+    return merged[::-1]
+
+
+def canonical_geometry(shape, strides):
+    """Shape and strides of the ``(N, C, R, S)`` view, or ``None``.
+
+    Parameters
+    ----------
+    shape, strides : tuple of int
+        Shape ``(N, C, *spatial)`` and strides of the input.
+
+    Returns
+    -------
+    tuple or None
+        ``((N, C, R, S), (sN, sC, sR, sS))``, or ``None`` when the spatial
+        axes do not merge into two (a 3-d input sliced in all three spatial
+        axes): the caller then works on a contiguous copy.
+    """
+    merged = merge_spatial(shape[2:], strides[2:])
+    if len(merged) > 2:
+        return None
+    merged = [(1, 0)] * (2 - len(merged)) + merged
+    (rows, row_stride), (cols, col_stride) = merged
+    return ((shape[0], shape[1], rows, cols),
+            (strides[0], strides[1], row_stride, col_stride))
+
+
+def is_channels_last(shape, strides):
+    """Whether the channel axis has the smallest stride of the non-trivial axes.
+
+    Such inputs (NHWC memory seen as NCHW, or a C-contiguous ``(N, C)``
+    batch) get outputs of the same memory order, as PyTorch keeps the memory
+    format, and GPU element passes walk them with the channel innermost so
+    that neighbouring threads touch neighbouring addresses.
+    """
+    if shape[1] == 1:
+        return False
+    others = [abs(st) for i, (sz, st) in enumerate(zip(shape, strides))
+              if i != 1 and sz > 1]
+    return bool(others) and abs(strides[1]) < min(others)
+
+
+def output_order(shape, strides):
+    """Axis order in which to allocate an output like the input.
+
+    Returns
+    -------
+    tuple of int
+        ``perm`` such that ``empty(shape[perm]).transpose(argsort(perm))``
+        has the input's memory order: channels-last inputs give channels-last
+        outputs, everything else a C-contiguous one.
+    """
+    ndim = len(shape)
+    if is_channels_last(shape, strides):
+        return (0,) + tuple(range(2, ndim)) + (1,)
+    return tuple(range(ndim))
+
+
+def inverse(perm):
+    """The permutation that undoes ``perm``."""
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)

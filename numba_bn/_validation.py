@@ -1,0 +1,122 @@
+"""Input checks, run once before dispatch (the kernels assume valid input).
+
+Every check raises before any state changes, with the error type and words
+of the contract's error table (``API.md``).
+"""
+import numbers
+
+import numpy as np
+
+from ._dispatch import device_of
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32),
+                np.dtype(np.float64))
+
+
+def check_float_input(x, name="input"):
+    """Raise ``TypeError`` unless ``x`` holds float16, float32 or float64."""
+    dtype = np.dtype(x.dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, float32 or float64, got {dtype}"
+            " (convert it with .astype(numpy.float32))")
+    if x.ndim < 2:
+        raise ValueError(
+            f"expected {name} of shape (N, C, ...), got {x.ndim}D {name}")
+
+
+def check_ndim(x, ndims):
+    """Raise ``ValueError("expected 4D input (got 3D input)")`` and the like."""
+    if x.ndim not in ndims:
+        expected = " or ".join(f"{n}D" for n in ndims)
+        raise ValueError(f"expected {expected} input (got {x.ndim}D input)")
+
+
+def check_channels(x, num_features):
+    if x.shape[1] != num_features:
+        raise ValueError(
+            f"expected input with {num_features} channels (num_features), "
+            f"got {x.shape[1]} channels in input of shape {tuple(x.shape)}")
+
+
+def check_values_per_channel(x):
+    """Batch statistics need two values per channel (an empty batch passes)."""
+    if x.size // x.shape[1] == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input"
+            f" size {tuple(x.shape)}")
+
+
+def check_dtype_match(input_dtype, param_dtype, what):
+    """Input and parameter dtypes agree, or float16 input meets float32 ones."""
+    input_dtype, param_dtype = np.dtype(input_dtype), np.dtype(param_dtype)
+    if input_dtype == param_dtype or (input_dtype == np.float16
+                                      and param_dtype == np.float32):
+        return
+    raise TypeError(
+        f"input dtype {input_dtype} does not match {what} dtype {param_dtype}"
+        " (only float16 input may meet float32 parameters)")
+
+
+def check_device(a, device, what):
+    found = device_of(a)
+    if found != device:
+        raise ValueError(
+            f"{what} is on {found} but the input is on {device}: move it "
+            f"with .to({device!r}) (nothing is moved implicitly)")
+
+
+def check_vector(a, name, num_channels, device, input_dtype):
+    """A per-channel parameter or buffer of the functional form."""
+    if a is None:
+        return
+    check_device(a, device, name)
+    if tuple(a.shape) != (num_channels,):
+        raise ValueError(
+            f"{name} must have shape ({num_channels},) for an input with "
+            f"{num_channels} channels, got {tuple(a.shape)}")
+    check_dtype_match(input_dtype, a.dtype, name)
+
+
+def check_same_as_input(dy, x):
+    """``dy`` of ``backward`` matches the forward's input (devices checked)."""
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(
+            f"dy has shape {tuple(dy.shape)}, expected the forward input's "
+            f"shape {tuple(x.shape)}")
+    if np.dtype(dy.dtype) != np.dtype(x.dtype):
+        raise TypeError(
+            f"dy dtype {dy.dtype} does not match the input dtype {x.dtype}")
+
+
+def check_construction(num_features, eps, momentum, track_running_stats,
+                       freeze, dtype):
+    """Arguments of a module's constructor.
+
+    Returns
+    -------
+    numpy.dtype
+        The parameters' dtype.
+    """
+    if (not isinstance(num_features, numbers.Integral)
+            or isinstance(num_features, bool)):
+        raise TypeError(
+            f"num_features must be an int, got {type(num_features).__name__}")
+    if num_features <= 0:
+        raise ValueError(f"num_features must be positive, got {num_features}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    if momentum is not None and not 0 <= momentum <= 1:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+    if freeze and not track_running_stats:
+        raise ValueError(
+            "freeze=True normalizes with the running statistics, which "
+            "track_running_stats=False does not keep")
+    try:
+        param_dtype = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"dtype must name a float dtype, got {dtype!r}") from exc
+    if param_dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"dtype must be float16, float32 or float64, got {param_dtype}")
+    return param_dtype

@@ -1,0 +1,356 @@
+"""CPU backend: Numba kernels on NumPy arrays, and their launch code.
+
+``cuda.py`` is this module's twin: the public functions below have the same
+names and signatures there. Inputs arrive validated (``functional.py``); the
+kernels see the canonical ``(N, C, R, S)`` view of ``_layout.py``.
+
+Every pass is one of two parallel kernels:
+
+- ``_channel_partials``: per ``(n, c)`` plane, float64 sums of ``u`` and
+  ``u * (x - center)`` (shifted moments forward, gradient sums backward);
+- ``_affine_pass``: ``out = (x - mean) * scale + offset [+ gain * dy]``, the
+  normalization forward and the input gradient backward.
+
+Per-channel work in between (``_channel.py``) is C-sized and runs serially:
+a parallel region costs more than it saves there.
+
+Parallel kernels launch one at a time (Numba's workqueue threading layer
+aborts on concurrent launches from several Python threads; the other layers
+gain nothing from them, each launch already uses every core). A process
+forked after its parent ran an OpenMP-parallel kernel cannot run one itself
+(GNU OpenMP is not fork-safe), so such a child runs serial twins of the
+kernels. Numba's configuration (threading layer, thread count) is the
+user's and is never changed here.
+
+Numba's CPU target has no float16 arrays, so float16 data and parameters are
+computed through float32 copies (the accumulation is float64 regardless).
+"""
+import os
+import threading
+import types
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from . import _channel
+from ._layout import canonical_geometry, inverse, output_order
+
+DEVICE = "cpu"
+
+# Reassociating float64 sums lets LLVM vectorize the reductions (a scalar
+# dependency chain runs ~6x below memory speed); "reassoc"/"contract" keep
+# NaN and inf semantics intact, unlike fastmath=True.
+_REDUCTION_FLAGS = {"reassoc", "contract"}
+
+
+# --------------------------------------------------------------------------
+# kernels
+
+@njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
+def _channel_partials(x4, dy4, center, psum, psumprod):
+    """``psum[n, c] = sum(u)``, ``psumprod[n, c] = sum(u * (x - k))``.
+
+    ``k = center[c]`` (or the channel's first element when ``center`` is
+    None); ``u = dy``, or ``x - k`` when ``dy4`` is None.
+    """
+    n_samples, n_channels, rows, cols = x4.shape
+    for plane in prange(n_samples * n_channels):
+        n = plane // n_channels
+        c = plane - n * n_channels
+        k = _channel.channel_center(x4, center, c)
+        s1 = 0.0
+        s2 = 0.0
+        for r in range(rows):
+            for s in range(cols):
+                v = x4[n, c, r, s] - k
+                if dy4 is None:
+                    u = v
+                else:
+                    u = np.float64(dy4[n, c, r, s])
+                s1 += u
+                s2 += u * v
+        psum[n, c] = s1
+        psumprod[n, c] = s2
+
+
+@njit(parallel=True, cache=True)
+def _affine_pass(x4, mean, scale, offset, dy4, gain, out4):
+    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` with ``dy4``.
+
+    float64 arithmetic: ``x - mean`` must not round the mean to the input's
+    precision (mean 1e4 in float32 is off by up to 5e-4).
+    """
+    n_samples, n_channels, rows, cols = x4.shape
+    for plane in prange(n_samples * n_channels):
+        n = plane // n_channels
+        c = plane - n * n_channels
+        m = mean[c]
+        a = scale[c]
+        b = offset[c]
+        for r in range(rows):
+            for s in range(cols):
+                v = (x4[n, c, r, s] - m) * a + b
+                if dy4 is not None:
+                    v += gain[c] * dy4[n, c, r, s]
+                out4[n, c, r, s] = v
+
+
+@njit(cache=True)
+def _finish_batch_stats(x4, psum, psumsq, count, weight, bias, eps,
+                        running_mean, running_var, num_batches_tracked,
+                        momentum, cumulative, save_mean, save_invstd,
+                        scale, offset):
+    for c in range(psum.shape[1]):
+        _channel.finish_batch_stats(
+            c, x4, psum, psumsq, count, weight, bias, eps, running_mean,
+            running_var, num_batches_tracked, momentum, cumulative,
+            save_mean, save_invstd, scale, offset)
+
+
+@njit(cache=True)
+def _finish_running_stats(running_mean, running_var, weight, bias, eps,
+                          save_mean, save_invstd, scale, offset):
+    for c in range(running_mean.shape[0]):
+        _channel.finish_running_stats(c, running_mean, running_var, weight,
+                                      bias, eps, save_mean, save_invstd,
+                                      scale, offset)
+
+
+@njit(cache=True)
+def _finish_backward(psum_dy, psum_dy_xmu, count, save_invstd, weight,
+                     batch_stats, grad_weight, grad_bias, scale, offset, gain):
+    for c in range(psum_dy.shape[1]):
+        _channel.finish_backward(c, psum_dy, psum_dy_xmu, count, save_invstd,
+                                 weight, batch_stats, grad_weight, grad_bias,
+                                 scale, offset, gain)
+
+
+# --------------------------------------------------------------------------
+# launching
+
+def _serial_twin(kernel):
+    """``kernel`` compiled without ``parallel`` (``prange`` runs as ``range``).
+
+    The twin gets a qualified name of its own: Numba names cache files after
+    the function, and a twin of the same name would load the parallel code.
+    """
+    func = kernel.py_func
+    name = func.__name__ + "_serial"
+    code = func.__code__.replace(co_name=name,
+                                 co_qualname=func.__qualname__ + "_serial")
+    twin = types.FunctionType(code, func.__globals__, name,
+                              func.__defaults__, func.__closure__)
+    options = {key: value for key, value in kernel.targetoptions.items()
+               if key not in ("parallel", "nopython")}
+    return njit(cache=True, **options)(twin)
+
+
+_SERIAL_TWINS = {kernel: _serial_twin(kernel)
+                 for kernel in (_channel_partials, _affine_pass)}
+_launch_lock = threading.Lock()
+_parallel_unsafe = False
+
+
+def _after_fork_in_child():
+    global _launch_lock, _parallel_unsafe
+    # A lock another thread held at fork time would stay locked forever.
+    _launch_lock = threading.Lock()
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # the parent never ran a parallel kernel
+        return
+    _parallel_unsafe = _parallel_unsafe or layer == "omp"
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _launch(kernel, *args):
+    if _parallel_unsafe:
+        kernel = _SERIAL_TWINS[kernel]
+    with _launch_lock:
+        kernel(*args)
+
+
+# --------------------------------------------------------------------------
+# array plumbing
+
+def _compute_dtype(dtype):
+    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+
+
+def _computable(a):
+    """``a`` itself, or a float32 copy of a float16 array (None stays None)."""
+    if a is None or a.dtype != np.float16:
+        return a
+    return a.astype(np.float32)
+
+
+def _write_back(target, computed):
+    """Copy results computed in a float32 stand-in back into ``target``."""
+    if computed is not target:
+        target[...] = computed
+
+
+def _canonical(a):
+    """The kernels' ``(N, C, R, S)`` view of ``a`` (a copy only where needed)."""
+    geometry = canonical_geometry(a.shape, a.strides)
+    if geometry is None:
+        a = np.ascontiguousarray(a)
+        geometry = canonical_geometry(a.shape, a.strides)
+    return np.lib.stride_tricks.as_strided(a, *geometry)
+
+
+def empty_like(x, dtype=None):
+    """Uninitialized array of ``x``'s shape and memory order (channels-last stays).
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Input of shape ``(N, C, *spatial)``.
+    dtype : numpy.dtype, optional
+        Defaults to ``x.dtype``.
+    """
+    perm = output_order(x.shape, x.strides)
+    base = np.empty(tuple(x.shape[p] for p in perm), dtype or x.dtype)
+    return base.transpose(inverse(perm))
+
+
+def _affine_output(like, x4, mean, scale, offset, dy4, gain, dtype):
+    out = empty_like(like, _compute_dtype(dtype))
+    _launch(_affine_pass, x4, mean, scale, offset, dy4, gain,
+            _canonical(out))
+    return out.astype(dtype, copy=False)
+
+
+def from_host(a, like=None):
+    """``a`` as an array of this device (a NumPy array; no copy if it is one)."""
+    return np.asarray(a)
+
+
+def to_host(a):
+    """``a`` as a NumPy array."""
+    return np.asarray(a)
+
+
+def copy_from_host(target, values):
+    """Overwrite array ``target`` in place with host ``values`` of its shape."""
+    target[...] = values
+
+
+# --------------------------------------------------------------------------
+# operations
+
+def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
+                        num_batches_tracked, momentum, cumulative):
+    """Normalize ``x`` with its batch statistics; update the running ones.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Validated input ``(N, C, *spatial)`` with at least 2 values per channel.
+    weight, bias : numpy.ndarray or None
+        Affine parameters, shape ``(C,)``.
+    eps : float
+    running_mean, running_var : numpy.ndarray or None
+        Updated in place when given.
+    num_batches_tracked : numpy.ndarray or None
+        0-d int64 counter, incremented when given.
+    momentum : float
+        Weight of the batch in the running average.
+    cumulative : bool
+        Use ``1 / num_batches_tracked`` (after the increment) instead of
+        ``momentum``.
+
+    Returns
+    -------
+    y, save_mean, save_invstd : numpy.ndarray
+        Output like ``x``; float64 batch mean and ``1 / sqrt(var + eps)``.
+    """
+    x4 = _canonical(_computable(x))
+    n_samples, n_channels, rows, cols = x4.shape
+    psum = np.empty((n_samples, n_channels))
+    psumsq = np.empty((n_samples, n_channels))
+    _launch(_channel_partials, x4, None, None, psum, psumsq)
+    save_mean, save_invstd, scale, offset = np.empty((4, n_channels))
+    rm, rv = _computable(running_mean), _computable(running_var)
+    counter = (None if num_batches_tracked is None
+               else num_batches_tracked.reshape(1))
+    _finish_batch_stats(x4, psum, psumsq, n_samples * rows * cols,
+                        _computable(weight), _computable(bias), eps, rm, rv,
+                        counter, momentum, cumulative, save_mean, save_invstd,
+                        scale, offset)
+    if running_mean is not None:
+        _write_back(running_mean, rm)
+        _write_back(running_var, rv)
+    if counter is not None:
+        counter += 1
+    y = _affine_output(x, x4, save_mean, scale, offset, None, None, x.dtype)
+    return y, save_mean, save_invstd
+
+
+def forward_running_stats(x, weight, bias, eps, running_mean, running_var):
+    """Normalize ``x`` with the running statistics (eval mode, frozen).
+
+    Returns
+    -------
+    y, save_mean, save_invstd : numpy.ndarray
+        Output like ``x``; the float64 running mean and
+        ``1 / sqrt(running_var + eps)`` that normalized it.
+    """
+    x4 = _canonical(_computable(x))
+    n_channels = x4.shape[1]
+    save_mean, save_invstd, scale, offset = np.empty((4, n_channels))
+    _finish_running_stats(_computable(running_mean), _computable(running_var),
+                          _computable(weight), _computable(bias), eps,
+                          save_mean, save_invstd, scale, offset)
+    y = _affine_output(x, x4, save_mean, scale, offset, None, None, x.dtype)
+    return y, save_mean, save_invstd
+
+
+def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype):
+    """Gradients of a forward that normalized with ``save_mean``/``save_invstd``.
+
+    Parameters
+    ----------
+    dy, x : numpy.ndarray
+        Output gradient and the forward's input, same shape and dtype.
+    weight : numpy.ndarray or None
+    save_mean, save_invstd : numpy.ndarray
+        The statistics the forward used.
+    batch_stats : bool
+        Whether they were the batch's own (then the gradient also flows
+        through them) or constants (running statistics).
+    grad_dtype : numpy.dtype or None
+        dtype of ``grad_weight``/``grad_bias``; None computes neither.
+
+    Returns
+    -------
+    dx : numpy.ndarray
+    grad_weight, grad_bias : numpy.ndarray or None
+    """
+    x4 = _canonical(_computable(x))
+    dy4 = _canonical(_computable(dy))
+    n_samples, n_channels, rows, cols = x4.shape
+    save_mean, save_invstd = _computable(save_mean), _computable(save_invstd)
+    # Constant statistics and no parameter gradient: dx = gain * dy needs no sums.
+    planes = n_samples if (batch_stats or grad_dtype is not None) else 0
+    psum_dy = np.zeros((planes, n_channels))
+    psum_dy_xmu = np.zeros((planes, n_channels))
+    if planes:
+        _launch(_channel_partials, x4, dy4, save_mean, psum_dy,
+                psum_dy_xmu)
+    grad_weight = grad_bias = None
+    if grad_dtype is not None:
+        grad_weight, grad_bias = np.empty((2, n_channels),
+                                          _compute_dtype(grad_dtype))
+    scale, offset, gain = np.empty((3, n_channels))
+    _finish_backward(psum_dy, psum_dy_xmu, n_samples * rows * cols,
+                     save_invstd, _computable(weight), batch_stats,
+                     grad_weight, grad_bias, scale, offset, gain)
+    dx = _affine_output(x, x4, save_mean, scale, offset, dy4, gain, dy.dtype)
+    if grad_dtype is not None:
+        grad_weight = grad_weight.astype(grad_dtype, copy=False)
+        grad_bias = grad_bias.astype(grad_dtype, copy=False)
+    return dx, grad_weight, grad_bias

@@ -1,0 +1,427 @@
+"""GPU backend: Numba CUDA kernels on device arrays, and their launch code.
+
+Twin of ``cpu.py``: the public functions below have the same names and
+signatures there, and the per-channel formulas are the same source
+(``_channel.py``). Inputs arrive validated (``functional.py``); the kernels
+see the canonical ``(N, C, R, S)`` view of ``_layout.py``, zero-copy.
+
+- ``_channel_partials``: each channel's elements are split over several
+  blocks; a block reduces its float64 sums in shared memory (no warp
+  shuffles, so the CUDA simulator runs it too) and writes one partial row;
+  ``_finish_*`` merges the partial rows per channel.
+- ``_affine_pass``: one grid-stride element pass, walking the memory order
+  (channel innermost for channels-last inputs) so accesses coalesce.
+
+Buffers come from CuPy's memory pool and kernels run on CuPy's current
+stream when CuPy is installed; otherwise Numba allocates on the default
+stream. Nothing is read back to the host in forward or backward.
+"""
+import importlib.util
+import math
+
+import numba
+import numpy as np
+from numba import cuda
+
+from . import _channel, config
+from ._layout import canonical_geometry, inverse, is_channels_last, output_order
+
+DEVICE = "cuda"
+
+_SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+if _SIMULATOR:
+    from numba.cuda.simulator.cudadrv.devicearray import (
+        FakeCUDAArray as _DeviceArray,
+    )
+else:
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray as _DeviceArray
+
+# The grid's y dimension (one row of blocks per channel) has this limit.
+_MAX_GRID_Y = 65535
+
+
+# --------------------------------------------------------------------------
+# kernels
+
+@cuda.jit(device=True)
+def _block_sum2(shared, a, b):
+    """Sum ``a`` and ``b`` over the block; every thread gets the totals."""
+    t = cuda.threadIdx.x
+    n = cuda.blockDim.x
+    shared[t] = a
+    shared[n + t] = b
+    cuda.syncthreads()
+    step = n // 2
+    while step > 0:
+        if t < step:
+            shared[t] += shared[t + step]
+            shared[n + t] += shared[n + t + step]
+        cuda.syncthreads()
+        step //= 2
+    total_a = shared[0]
+    total_b = shared[n]
+    cuda.syncthreads()  # shared is rewritten by the next call
+    return total_a, total_b
+
+
+@cuda.jit(device=True)
+def _element_index(j, n_channels, rows, cols, channels_last):
+    """``(n, c, r, s)`` of the ``j``-th element in memory order."""
+    if channels_last:
+        c = j % n_channels
+        j //= n_channels
+        s = j % cols
+        j //= cols
+        r = j % rows
+        n = j // rows
+    else:
+        s = j % cols
+        j //= cols
+        r = j % rows
+        j //= rows
+        c = j % n_channels
+        n = j // n_channels
+    return n, c, r, s
+
+
+@cuda.jit(cache=True)
+def _channel_partials(x4, dy4, center, psum, psumprod):
+    """Per block ``b``: ``psum[b, c] = sum(u)``, ``psumprod[b, c] = sum(u * (x - k))``.
+
+    ``k = center[c]`` (or the channel's first element when ``center`` is
+    None); ``u = dy``, or ``x - k`` when ``dy4`` is None. Block ``(b, y)``
+    covers the ``b``-th stripe of channels ``y, y + gridDim.y, ...``.
+    """
+    shared = cuda.shared.array(0, numba.float64)
+    n_samples, n_channels, rows, cols = x4.shape
+    plane = rows * cols
+    count = n_samples * plane
+    block = cuda.blockIdx.x
+    stride = cuda.gridDim.x * cuda.blockDim.x
+    for c in range(cuda.blockIdx.y, n_channels, cuda.gridDim.y):
+        k = _channel.channel_center(x4, center, c)
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(block * cuda.blockDim.x + cuda.threadIdx.x, count,
+                       stride):
+            n = j // plane
+            rs = j - n * plane
+            r = rs // cols
+            s = rs - r * cols
+            v = np.float64(x4[n, c, r, s]) - k
+            if dy4 is None:
+                u = v
+            else:
+                u = np.float64(dy4[n, c, r, s])
+            s1 += u
+            s2 += u * v
+        s1, s2 = _block_sum2(shared, s1, s2)
+        if cuda.threadIdx.x == 0:
+            psum[block, c] = s1
+            psumprod[block, c] = s2
+
+
+@cuda.jit(cache=True)
+def _affine_pass(x4, mean, scale, offset, dy4, gain, out4, channels_last):
+    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` with ``dy4``.
+
+    float64 arithmetic: ``x - mean`` must not round the mean to the input's
+    precision (mean 1e4 in float32 is off by up to 5e-4).
+    """
+    n_samples, n_channels, rows, cols = x4.shape
+    total = n_samples * n_channels * rows * cols
+    for j in range(cuda.grid(1), total, cuda.gridsize(1)):
+        n, c, r, s = _element_index(j, n_channels, rows, cols, channels_last)
+        v = (np.float64(x4[n, c, r, s]) - mean[c]) * scale[c] + offset[c]
+        if dy4 is not None:
+            v += gain[c] * np.float64(dy4[n, c, r, s])
+        out4[n, c, r, s] = v
+
+
+@cuda.jit(cache=True)
+def _finish_batch_stats(x4, psum, psumsq, count, weight, bias, eps,
+                        running_mean, running_var, num_batches_tracked,
+                        momentum, cumulative, save_mean, save_invstd,
+                        scale, offset):
+    c = cuda.grid(1)
+    if c < psum.shape[1]:
+        _channel.finish_batch_stats(
+            c, x4, psum, psumsq, count, weight, bias, eps, running_mean,
+            running_var, num_batches_tracked, momentum, cumulative,
+            save_mean, save_invstd, scale, offset)
+
+
+@cuda.jit(cache=True)
+def _finish_running_stats(running_mean, running_var, weight, bias, eps,
+                          save_mean, save_invstd, scale, offset):
+    c = cuda.grid(1)
+    if c < running_mean.shape[0]:
+        _channel.finish_running_stats(c, running_mean, running_var, weight,
+                                      bias, eps, save_mean, save_invstd,
+                                      scale, offset)
+
+
+@cuda.jit(cache=True)
+def _finish_backward(psum_dy, psum_dy_xmu, count, save_invstd, weight,
+                     batch_stats, grad_weight, grad_bias, scale, offset, gain):
+    c = cuda.grid(1)
+    if c < psum_dy.shape[1]:
+        _channel.finish_backward(c, psum_dy, psum_dy_xmu, count, save_invstd,
+                                 weight, batch_stats, grad_weight, grad_bias,
+                                 scale, offset, gain)
+
+
+@cuda.jit(cache=True)
+def _count_batch(num_batches_tracked):
+    # A kernel of its own: _finish_batch_stats reads the old count in every
+    # channel, so it cannot also increment it without a race.
+    if cuda.grid(1) == 0:
+        num_batches_tracked[0] += 1
+
+
+# --------------------------------------------------------------------------
+# array plumbing
+
+def _cupy():
+    """The CuPy module when installed (never under the simulator), else None."""
+    if _SIMULATOR or importlib.util.find_spec("cupy") is None:
+        return None
+    import cupy
+    return cupy
+
+
+def _stream():
+    """CuPy's current stream when CuPy is in use, else Numba's default stream."""
+    cupy = _cupy()
+    if cupy is None:
+        return cuda.default_stream()
+    return cuda.external_stream(cupy.cuda.get_current_stream().ptr)
+
+
+def as_device_array(x):
+    """``x`` with NumPy-style ``dtype``/``shape``/``strides``, zero-copy.
+
+    CuPy, Numba and simulator arrays pass through; any other
+    ``__cuda_array_interface__`` object becomes a Numba device array view.
+    """
+    cupy = _cupy()
+    if isinstance(x, _DeviceArray) or (cupy is not None
+                                       and isinstance(x, cupy.ndarray)):
+        return x
+    # sync=False: kernels run on the stream the data was produced on, so
+    # Numba need not synchronize the exporter's stream (a host wait).
+    return cuda.as_cuda_array(x, sync=False)
+
+
+def _kernel_view(a):
+    """``a`` as a Numba device array for a kernel argument.
+
+    Scalars and None pass through; CuPy arrays become zero-copy views.
+    """
+    if a is None or isinstance(a, (_DeviceArray, bool, int, float)):
+        return a
+    # sync=False: the kernels run on the stream the data was produced on, so
+    # Numba need not wait for the exporter's stream (a host synchronization).
+    return cuda.as_cuda_array(a, sync=False)
+
+
+def _launch(kernel, blocks, threads, *args, shared_bytes=0):
+    """Run ``kernel`` on the current stream with device-array views of ``args``."""
+    kernel[blocks, threads, _stream(), shared_bytes](
+        *[_kernel_view(a) for a in args])
+
+
+def _strided_view(a, shape, strides):
+    """A view of device array ``a`` from its first element with new geometry."""
+    a = _kernel_view(a)
+    if _SIMULATOR:
+        return _DeviceArray(np.lib.stride_tricks.as_strided(
+            a._ary, shape, strides))
+    return _DeviceArray(shape, strides, a.dtype, gpu_data=a.gpu_data)
+
+
+def _empty(shape, dtype):
+    cupy = _cupy()
+    if cupy is not None:
+        return cupy.empty(shape, dtype)
+    return cuda.device_array(shape, dtype, stream=_stream())
+
+
+def _rows(block):
+    """The rows of a 2-d device array, as separate arrays."""
+    return [block[i] for i in range(block.shape[0])]
+
+
+def _contiguous_copy(a):
+    """C-contiguous copy of a 5-d ``a`` whose spatial axes do not merge.
+
+    Copies one depth slice at a time with the identity affine pass (each
+    ``(N, C, H, W)`` slice has a canonical view), so no extra kernel exists.
+    """
+    out = _kernel_view(_empty(a.shape, a.dtype))
+    n_channels = a.shape[1]
+    mean, offset, scale = _rows(from_host(np.array([[0.0], [0.0], [1.0]])
+                                          * np.ones(n_channels)))
+    for d in range(a.shape[2]):
+        _launch_affine(_canonical(a[:, :, d]), mean, scale, offset, None,
+                       None, _canonical(out[:, :, d]), False)
+    return out
+
+
+def _canonical(a):
+    """The kernels' ``(N, C, R, S)`` view of ``a`` (a copy only where needed)."""
+    a = _kernel_view(a)
+    geometry = canonical_geometry(a.shape, a.strides)
+    if geometry is None:
+        a = _contiguous_copy(a)
+        geometry = canonical_geometry(a.shape, a.strides)
+    return _strided_view(a, *geometry)
+
+
+def empty_like(x, dtype=None):
+    """Uninitialized array of ``x``'s shape and memory order (channels-last stays).
+
+    Parameters
+    ----------
+    x : device array
+        Input of shape ``(N, C, *spatial)``.
+    dtype : numpy.dtype, optional
+        Defaults to ``x.dtype``.
+    """
+    perm = output_order(x.shape, x.strides)
+    inv = inverse(perm)
+    base = _empty(tuple(x.shape[p] for p in perm), dtype or x.dtype)
+    if _cupy() is not None:
+        return base.transpose(inv)
+    return _strided_view(base, tuple(base.shape[i] for i in inv),
+                         tuple(base.strides[i] for i in inv))
+
+
+def from_host(a, like=None):
+    """``a`` copied to the GPU (a CuPy array when CuPy is installed)."""
+    cupy = _cupy()
+    a = np.asarray(a)
+    if cupy is not None:
+        return cupy.asarray(a)
+    return cuda.to_device(a, stream=_stream())
+
+
+def to_host(a):
+    """``a`` copied to a NumPy array."""
+    cupy = _cupy()
+    if cupy is not None and isinstance(a, cupy.ndarray):
+        return cupy.asnumpy(a)
+    return _kernel_view(a).copy_to_host()
+
+
+def copy_from_host(target, values):
+    """Overwrite device array ``target`` in place with host ``values`` of its shape."""
+    values = np.ascontiguousarray(values, dtype=target.dtype)
+    cupy = _cupy()
+    if cupy is not None and isinstance(target, cupy.ndarray):
+        target.set(values)
+    else:
+        _kernel_view(target).copy_to_device(values, stream=_stream())
+
+
+def _launch_affine(x4, mean, scale, offset, dy4, gain, out4, channels_last):
+    total = math.prod(x4.shape)
+    tpb = config.threads_per_block
+    blocks = max(1, min(-(-total // tpb), config.element_blocks))
+    _launch(_affine_pass, blocks, tpb, x4, mean, scale, offset, dy4, gain,
+            out4, channels_last)
+
+
+def _affine_output(like, x4, mean, scale, offset, dy4, gain):
+    out = empty_like(like)
+    _launch_affine(x4, mean, scale, offset, dy4, gain, _canonical(out),
+                   is_channels_last(like.shape, like.strides))
+    return out
+
+
+def _launch_partials(x4, dy4, center):
+    """Partial sums of every channel, as two ``(blocks, C)`` float64 arrays."""
+    n_samples, n_channels, rows, cols = x4.shape
+    tpb = config.threads_per_block
+    count = n_samples * rows * cols
+    blocks = max(1, min(-(-count // tpb),
+                        config.reduction_blocks // n_channels))
+    psum, psumprod = _rows(_empty((2, blocks, n_channels), np.float64))
+    _launch(_channel_partials, (blocks, min(n_channels, _MAX_GRID_Y)), tpb,
+            x4, dy4, center, psum, psumprod, shared_bytes=2 * tpb * 8)
+    return psum, psumprod
+
+
+def _launch_per_channel(kernel, n_channels, *args):
+    tpb = config.threads_per_block
+    _launch(kernel, -(-n_channels // tpb), tpb, *args)
+
+
+# --------------------------------------------------------------------------
+# operations
+
+def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
+                        num_batches_tracked, momentum, cumulative):
+    """Normalize ``x`` with its batch statistics; update the running ones.
+
+    Same parameters and returns as :func:`numba_bn.cpu.forward_batch_stats`,
+    with device arrays.
+    """
+    x4 = _canonical(x)
+    n_samples, n_channels, rows, cols = x4.shape
+    psum, psumsq = _launch_partials(x4, None, None)
+    save_mean, save_invstd, scale, offset = _rows(
+        _empty((4, n_channels), np.float64))
+    counter = (None if num_batches_tracked is None
+               else _strided_view(num_batches_tracked, (1,), (8,)))
+    _launch_per_channel(
+        _finish_batch_stats, n_channels, x4, psum, psumsq,
+        n_samples * rows * cols, weight, bias, eps, running_mean, running_var,
+        counter, momentum, cumulative, save_mean, save_invstd, scale, offset)
+    if counter is not None:
+        _launch(_count_batch, 1, 1, counter)
+    y = _affine_output(x, x4, save_mean, scale, offset, None, None)
+    return y, save_mean, save_invstd
+
+
+def forward_running_stats(x, weight, bias, eps, running_mean, running_var):
+    """Normalize ``x`` with the running statistics (eval mode, frozen).
+
+    Same parameters and returns as :func:`numba_bn.cpu.forward_running_stats`,
+    with device arrays.
+    """
+    x4 = _canonical(x)
+    n_channels = x4.shape[1]
+    save_mean, save_invstd, scale, offset = _rows(
+        _empty((4, n_channels), np.float64))
+    _launch_per_channel(_finish_running_stats, n_channels, running_mean,
+                        running_var, weight, bias, eps, save_mean,
+                        save_invstd, scale, offset)
+    y = _affine_output(x, x4, save_mean, scale, offset, None, None)
+    return y, save_mean, save_invstd
+
+
+def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype):
+    """Gradients of a forward that normalized with ``save_mean``/``save_invstd``.
+
+    Same parameters and returns as :func:`numba_bn.cpu.backward`, with device
+    arrays.
+    """
+    x4 = _canonical(x)
+    dy4 = _canonical(dy)
+    n_samples, n_channels, rows, cols = x4.shape
+    if batch_stats or grad_dtype is not None:
+        psum_dy, psum_dy_xmu = _launch_partials(x4, dy4, save_mean)
+    else:
+        # Constant statistics and no parameter gradient: dx = gain * dy.
+        psum_dy = psum_dy_xmu = _empty((0, n_channels), np.float64)
+    grad_weight = grad_bias = None
+    if grad_dtype is not None:
+        grad_weight, grad_bias = _rows(_empty((2, n_channels), grad_dtype))
+    scale, offset, gain = _rows(_empty((3, n_channels), np.float64))
+    _launch_per_channel(
+        _finish_backward, n_channels, psum_dy, psum_dy_xmu,
+        n_samples * rows * cols, save_invstd, weight, batch_stats,
+        grad_weight, grad_bias, scale, offset, gain)
+    dx = _affine_output(x, x4, save_mean, scale, offset, dy4, gain)
+    return dx, grad_weight, grad_bias

@@ -1,0 +1,238 @@
+"""Functional batch norm: ``torch.nn.functional.batch_norm``'s signature.
+
+Each public function validates its arguments, picks the backend from the
+input's array type (``_dispatch``) and runs it. The modules share
+:func:`normalize` and :func:`gradients`, the validated cores.
+"""
+import numpy as np
+
+from . import _validation as check
+from ._dispatch import backend_for
+
+__all__ = ["batch_norm", "batch_norm_forward_training", "batch_norm_backward"]
+
+
+def normalize(backend, x, weight, bias, eps, batch_stats, running_mean,
+              running_var, num_batches_tracked=None, momentum=0.0,
+              cumulative=False):
+    """Validated forward: batch or running statistics, on ``backend``.
+
+    Running buffers given with ``batch_stats`` are updated; without
+    ``batch_stats`` they normalize. An empty batch returns an empty output
+    and changes nothing.
+
+    Returns
+    -------
+    y : array
+    save_mean, save_invstd : array or None
+        float64 statistics that normalized (None for an empty batch).
+    """
+    if x.size == 0:
+        return backend.empty_like(x), None, None
+    if batch_stats:
+        return backend.forward_batch_stats(
+            x, weight, bias, float(eps), running_mean, running_var,
+            num_batches_tracked, float(momentum), bool(cumulative))
+    return backend.forward_running_stats(x, weight, bias, float(eps),
+                                         running_mean, running_var)
+
+
+def gradients(backend, dy, x, weight, save_mean, save_invstd, batch_stats,
+              grad_dtype):
+    """Validated backward on ``backend``; see ``cpu.backward``.
+
+    For an empty batch ``dx`` is empty and the parameter gradients are zeros.
+    """
+    if x.size == 0:
+        grads = (None, None) if grad_dtype is None else tuple(
+            backend.from_host(np.zeros(x.shape[1], grad_dtype))
+            for _ in range(2))
+        return (backend.empty_like(x),) + grads
+    return backend.backward(dy, x, weight, save_mean, save_invstd,
+                            batch_stats, grad_dtype)
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None,
+               training=False, momentum=0.1, eps=1e-5):
+    r"""Batch normalization, as ``torch.nn.functional.batch_norm``.
+
+    .. math:: y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \gamma + \beta
+
+    per channel (axis 1). In training mode :math:`\mu, \sigma^2` are the
+    batch mean and biased variance over all other axes, and the running
+    buffers, when given, are updated in place with
+    ``running = (1 - momentum) * running + momentum * batch`` (the unbiased
+    variance for ``running_var``). Otherwise the running buffers normalize.
+
+    Parameters
+    ----------
+    x : array
+        ``(N, C, ...)`` float16, float32 or float64; a NumPy array runs on
+        the CPU, a CuPy or other CUDA array on the GPU.
+    running_mean, running_var : array or None
+        ``(C,)`` buffers on the input's device; required unless
+        ``training``.
+    weight, bias : array, optional
+        ``(C,)`` affine parameters :math:`\gamma, \beta`.
+    training : bool, optional
+        Normalize with batch statistics (and update the running buffers).
+    momentum : float, optional
+        Weight of the batch in the running averages (not range-checked).
+    eps : float, optional
+        Added to the variance before the square root.
+
+    Returns
+    -------
+    array
+        ``y``, same shape, dtype, device and memory order as ``x``.
+
+    Raises
+    ------
+    TypeError
+        Non-float input, or parameters of another dtype.
+    ValueError
+        Buffers or parameters of the wrong length or device, eval without
+        running buffers, or one value per channel in training.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_bn as nbn
+    >>> x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    >>> rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+    >>> nbn.batch_norm(x, rm, rv, training=True, momentum=0.5).round(3)
+    array([[-1.342, -1.342],
+           [-0.447, -0.447],
+           [ 0.447,  0.447],
+           [ 1.342,  1.342]], dtype=float32)
+    >>> rm, rv
+    (array([1.5, 2.5], dtype=float32), array([3.8333333, 3.8333333], dtype=float32))
+    """
+    backend, x = backend_for(x)
+    check.check_float_input(x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("give both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError(
+            "running_mean and running_var are required when training=False")
+    _check_vectors(backend, x, running_mean=running_mean,
+                   running_var=running_var, weight=weight, bias=bias)
+    if training:
+        check.check_values_per_channel(x)
+    y, _, _ = normalize(backend, x, weight, bias, eps, training, running_mean,
+                        running_var, None, momentum)
+    return y
+
+
+def batch_norm_forward_training(x, weight, bias, eps=1e-5):
+    """Training forward that returns what the backward needs.
+
+    Parameters
+    ----------
+    x : array
+        ``(N, C, ...)`` input, at least 2 values per channel.
+    weight, bias : array or None
+        ``(C,)`` affine parameters.
+    eps : float, optional
+
+    Returns
+    -------
+    y : array
+    save_mean, save_invstd : array
+        float64 ``(C,)`` batch mean and ``1 / sqrt(var + eps)`` (biased
+        variance), for :func:`batch_norm_backward`. For an empty batch both
+        are None.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`batch_norm`.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_bn as nbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> y, mean, invstd = nbn.batch_norm_forward_training(x, None, None)
+    >>> y.round(4), mean, invstd.round(4)
+    (array([[-1., -1.],
+           [ 1.,  1.]]), array([ 2., 20.]), array([1.    , 0.1   ]))
+    """
+    backend, x = backend_for(x)
+    check.check_float_input(x)
+    _check_vectors(backend, x, weight=weight, bias=bias)
+    check.check_values_per_channel(x)
+    return normalize(backend, x, weight, bias, eps, True, None, None)
+
+
+def batch_norm_backward(dy, x, weight, save_mean, save_invstd):
+    r"""Gradients of :func:`batch_norm_forward_training`.
+
+    With :math:`\hat x = (x - \mu) \cdot invstd` and :math:`n` values per
+    channel:
+
+    .. math::
+
+        \frac{\partial L}{\partial x} = \gamma \cdot invstd \left(dy
+        - \frac{1}{n}\sum dy - \hat x \frac{1}{n} \sum dy \, \hat x\right),
+        \quad \frac{\partial L}{\partial \gamma} = \sum dy \, \hat x,
+        \quad \frac{\partial L}{\partial \beta} = \sum dy
+
+    Parameters
+    ----------
+    dy : array
+        Gradient of the output, shape and dtype of ``x``.
+    x : array
+        The forward's input.
+    weight : array or None
+        ``(C,)`` :math:`\gamma` of the forward.
+    save_mean, save_invstd : array
+        ``(C,)`` statistics returned by the forward.
+
+    Returns
+    -------
+    dx : array
+    dweight, dbias : array or None
+        In ``weight``'s dtype; None when ``weight`` is None.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Mismatched shapes, dtypes or devices.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_bn as nbn
+    >>> x = np.array([[1.0], [3.0]])
+    >>> y, mean, invstd = nbn.batch_norm_forward_training(x, np.ones(1), None)
+    >>> dx, dw, db = nbn.batch_norm_backward(np.array([[1.0], [0.0]]), x,
+    ...                                      np.ones(1), mean, invstd)
+    >>> dx.round(6), dw, db
+    (array([[0.],
+           [0.]]), array([-1.]), array([1.]))
+    """
+    backend, x = backend_for(x)
+    check.check_float_input(x)
+    dy = check_gradient(dy, x, backend)
+    for name, a in (("save_mean", save_mean), ("save_invstd", save_invstd)):
+        if a is None:
+            raise ValueError(f"{name} is required")
+        check.check_device(a, backend.DEVICE, name)
+        if tuple(a.shape) != (x.shape[1],):
+            raise ValueError(f"{name} must have shape ({x.shape[1]},), got "
+                             f"{tuple(a.shape)}")
+    _check_vectors(backend, x, weight=weight)
+    grad_dtype = None if weight is None else weight.dtype
+    return gradients(backend, dy, x, weight, save_mean, save_invstd, True,
+                     grad_dtype)
+
+
+def check_gradient(dy, x, backend):
+    """``dy`` as ``backend`` reads it, checked against the forward input ``x``."""
+    check.check_device(dy, backend.DEVICE, "dy")
+    dy = backend_for(dy)[1]
+    check.check_same_as_input(dy, x)
+    return dy
+
+
+def _check_vectors(backend, x, **vectors):
+    for name, a in vectors.items():
+        check.check_vector(a, name, x.shape[1], backend.DEVICE, x.dtype)

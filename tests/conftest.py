@@ -1,0 +1,20 @@
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Each new dtype/flag combination compiles kernels once (then the on-disk
+# cache serves it): no deadline, and a bounded number of examples for CI.
+settings.register_profile(
+    "ci", max_examples=int(os.environ.get("NUMBA_BN_EXAMPLES", "60")),
+    deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
+
+# Tolerances against the float64 reference, per input dtype.
+TOLERANCE = {np.float16: 2e-2, np.float32: 2e-5, np.float64: 1e-10}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261123)
