@@ -42,9 +42,15 @@ def device_of(a):
     Raises
     ------
     TypeError
-        When ``a`` is no array of either backend.
+        When ``a`` is no array of either backend (lists, CPU tensors, ...).
     """
-    return backend_for(a)[0].DEVICE
+    if isinstance(a, np.ndarray):
+        return "cpu"
+    if is_gpu_array(a):
+        return "cuda"
+    raise TypeError(
+        f"expected a numpy.ndarray or a CUDA array, got {type(a).__name__}"
+        " (convert it with numpy.asarray, or use a CuPy array)")
 
 
 def backend_for(x):
@@ -67,17 +73,12 @@ def backend_for(x):
     Raises
     ------
     TypeError
-        For anything else (lists, CPU tensors, ...).
+        For anything else.
     """
-    if isinstance(x, np.ndarray):
+    if device_of(x) == "cpu":
         return cpu, x
-    if is_gpu_array(x):
-        from . import cuda
-        return cuda, cuda.as_device_array(x)
-    raise TypeError(
-        f"expected a numpy.ndarray or a CUDA array, got {type(x).__name__}"
-        " (convert it with numpy.asarray, or use a CuPy array)"
-    )
+    from . import cuda
+    return cuda, cuda.as_device_array(x)
 
 
 def backend_named(device):

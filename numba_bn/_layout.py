@@ -10,56 +10,66 @@ the kernels are compiled for a single number of dimensions.
 """
 
 
-def merge_spatial(shape, strides):
-    """Merge spatial axes whose strides allow it.
+def merge_spatial(shape, strides_per_array):
+    """Merge spatial axes where the strides of every array allow it.
 
     Parameters
     ----------
-    shape, strides : tuple of int
-        The spatial part of an array's shape and its strides (in bytes or in
-        elements, as long as both are in the same unit).
+    shape : tuple of int
+        The spatial part of the arrays' common shape.
+    strides_per_array : list of tuple of int
+        The spatial strides of each array (all in bytes, or all in elements).
 
     Returns
     -------
-    list of (int, int)
-        ``(size, stride)`` per merged axis, outermost first; axes of size 1
-        are dropped (their stride never matters), so an empty list means one
-        element per channel and sample.
+    list of (int, list of int)
+        ``(size, strides)`` per merged axis, outermost first, with one stride
+        per array. Axes of size 1 are dropped (their stride never matters),
+        so an empty list means one element per channel and sample.
     """
     merged = []
-    for size, stride in zip(reversed(shape), reversed(strides)):
+    for axis in reversed(range(len(shape))):
+        size = shape[axis]
         if size == 1:
             continue
-        if merged and stride == merged[-1][0] * merged[-1][1]:
-            inner_size, inner_stride = merged[-1]
-            merged[-1] = (size * inner_size, inner_stride)
+        strides = [st[axis] for st in strides_per_array]
+        if merged and all(outer == merged[-1][0] * inner for outer, inner
+                          in zip(strides, merged[-1][1])):
+            merged[-1] = (size * merged[-1][0], merged[-1][1])
         else:
-            merged.append((size, stride))
+            merged.append((size, strides))
     return merged[::-1]
 
 
-def canonical_geometry(shape, strides):
-    """Shape and strides of the ``(N, C, R, S)`` view, or ``None``.
+def canonical_geometry(shape, strides_per_array):
+    """Common shape and per-array strides of the ``(N, C, R, S)`` views.
+
+    Every array of one pass must be seen through the same ``(R, S)`` split,
+    so the axes merge only where they merge in all of them.
 
     Parameters
     ----------
-    shape, strides : tuple of int
-        Shape ``(N, C, *spatial)`` and strides of the input.
+    shape : tuple of int
+        The arrays' common shape ``(N, C, *spatial)``.
+    strides_per_array : list of tuple of int
+        Each array's strides.
 
     Returns
     -------
     tuple or None
-        ``((N, C, R, S), (sN, sC, sR, sS))``, or ``None`` when the spatial
-        axes do not merge into two (a 3-d input sliced in all three spatial
-        axes): the caller then works on a contiguous copy.
+        ``((N, C, R, S), [(sN, sC, sR, sS), ...])``, or ``None`` when the
+        spatial axes do not merge into two (a 3-d input sliced in all three
+        spatial axes): the caller then works on contiguous copies.
     """
-    merged = merge_spatial(shape[2:], strides[2:])
+    merged = merge_spatial(shape[2:], [st[2:] for st in strides_per_array])
     if len(merged) > 2:
         return None
-    merged = [(1, 0)] * (2 - len(merged)) + merged
-    (rows, row_stride), (cols, col_stride) = merged
+    unit = [0] * len(strides_per_array)
+    merged = [(1, unit)] * (2 - len(merged)) + merged
+    (rows, row_strides), (cols, col_strides) = merged
     return ((shape[0], shape[1], rows, cols),
-            (strides[0], strides[1], row_stride, col_stride))
+            [(st[0], st[1], r, c) for st, r, c
+             in zip(strides_per_array, row_strides, col_strides)])
 
 
 def is_channels_last(shape, strides):

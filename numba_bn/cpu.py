@@ -187,19 +187,45 @@ def _computable(a):
     return a.astype(np.float32)
 
 
+def _to_dtype(a, dtype):
+    """``a`` cast to ``dtype`` (float16 results leave their float32 stand-in).
+
+    Values beyond float16's range become inf, as in PyTorch, without
+    NumPy's overflow warning.
+    """
+    with np.errstate(over="ignore"):
+        return a.astype(dtype, copy=False)
+
+
 def _write_back(target, computed):
     """Copy results computed in a float32 stand-in back into ``target``."""
     if computed is not target:
-        target[...] = computed
+        with np.errstate(over="ignore"):
+            target[...] = computed
 
 
-def _canonical(a):
-    """The kernels' ``(N, C, R, S)`` view of ``a`` (a copy only where needed)."""
-    geometry = canonical_geometry(a.shape, a.strides)
+def _views(inputs, out_dtype):
+    """A new output like ``inputs[0]``, and the kernels' views of all arrays.
+
+    Returns
+    -------
+    out : numpy.ndarray
+        Uninitialized, ``out_dtype``, the first input's memory order.
+    list of numpy.ndarray
+        ``(N, C, R, S)`` views of the inputs and of ``out`` with one common
+        ``(R, S)`` split; inputs are copied only where their spatial axes do
+        not merge into two.
+    """
+    out = empty_like(inputs[0], out_dtype)
+    arrays = list(inputs) + [out]
+    geometry = canonical_geometry(out.shape, [a.strides for a in arrays])
     if geometry is None:
-        a = np.ascontiguousarray(a)
-        geometry = canonical_geometry(a.shape, a.strides)
-    return np.lib.stride_tricks.as_strided(a, *geometry)
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        out = arrays[-1]
+        geometry = canonical_geometry(out.shape, [a.strides for a in arrays])
+    shape4, strides4 = geometry
+    return out, [np.lib.stride_tricks.as_strided(a, shape4, st)
+                 for a, st in zip(arrays, strides4)]
 
 
 def empty_like(x, dtype=None):
@@ -215,13 +241,6 @@ def empty_like(x, dtype=None):
     perm = output_order(x.shape, x.strides)
     base = np.empty(tuple(x.shape[p] for p in perm), dtype or x.dtype)
     return base.transpose(inverse(perm))
-
-
-def _affine_output(like, x4, mean, scale, offset, dy4, gain, dtype):
-    out = empty_like(like, _compute_dtype(dtype))
-    _launch(_affine_pass, x4, mean, scale, offset, dy4, gain,
-            _canonical(out))
-    return out.astype(dtype, copy=False)
 
 
 def from_host(a, like=None):
@@ -268,7 +287,7 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     y, save_mean, save_invstd : numpy.ndarray
         Output like ``x``; float64 batch mean and ``1 / sqrt(var + eps)``.
     """
-    x4 = _canonical(_computable(x))
+    y, (x4, y4) = _views([_computable(x)], _compute_dtype(x.dtype))
     n_samples, n_channels, rows, cols = x4.shape
     psum = np.empty((n_samples, n_channels))
     psumsq = np.empty((n_samples, n_channels))
@@ -286,8 +305,8 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
         _write_back(running_var, rv)
     if counter is not None:
         counter += 1
-    y = _affine_output(x, x4, save_mean, scale, offset, None, None, x.dtype)
-    return y, save_mean, save_invstd
+    _launch(_affine_pass, x4, save_mean, scale, offset, None, None, y4)
+    return _to_dtype(y, x.dtype), save_mean, save_invstd
 
 
 def forward_running_stats(x, weight, bias, eps, running_mean, running_var):
@@ -299,14 +318,14 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var):
         Output like ``x``; the float64 running mean and
         ``1 / sqrt(running_var + eps)`` that normalized it.
     """
-    x4 = _canonical(_computable(x))
+    y, (x4, y4) = _views([_computable(x)], _compute_dtype(x.dtype))
     n_channels = x4.shape[1]
     save_mean, save_invstd, scale, offset = np.empty((4, n_channels))
     _finish_running_stats(_computable(running_mean), _computable(running_var),
                           _computable(weight), _computable(bias), eps,
                           save_mean, save_invstd, scale, offset)
-    y = _affine_output(x, x4, save_mean, scale, offset, None, None, x.dtype)
-    return y, save_mean, save_invstd
+    _launch(_affine_pass, x4, save_mean, scale, offset, None, None, y4)
+    return _to_dtype(y, x.dtype), save_mean, save_invstd
 
 
 def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype):
@@ -330,8 +349,8 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype):
     dx : numpy.ndarray
     grad_weight, grad_bias : numpy.ndarray or None
     """
-    x4 = _canonical(_computable(x))
-    dy4 = _canonical(_computable(dy))
+    dx, (x4, dy4, dx4) = _views([_computable(x), _computable(dy)],
+                                _compute_dtype(dy.dtype))
     n_samples, n_channels, rows, cols = x4.shape
     save_mean, save_invstd = _computable(save_mean), _computable(save_invstd)
     # Constant statistics and no parameter gradient: dx = gain * dy needs no sums.
@@ -349,8 +368,8 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype):
     _finish_backward(psum_dy, psum_dy_xmu, n_samples * rows * cols,
                      save_invstd, _computable(weight), batch_stats,
                      grad_weight, grad_bias, scale, offset, gain)
-    dx = _affine_output(x, x4, save_mean, scale, offset, dy4, gain, dy.dtype)
+    _launch(_affine_pass, x4, save_mean, scale, offset, dy4, gain, dx4)
     if grad_dtype is not None:
-        grad_weight = grad_weight.astype(grad_dtype, copy=False)
-        grad_bias = grad_bias.astype(grad_dtype, copy=False)
-    return dx, grad_weight, grad_bias
+        grad_weight = _to_dtype(grad_weight, grad_dtype)
+        grad_bias = _to_dtype(grad_bias, grad_dtype)
+    return _to_dtype(dx, dy.dtype), grad_weight, grad_bias

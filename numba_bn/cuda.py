@@ -259,23 +259,38 @@ def _contiguous_copy(a):
     ``(N, C, H, W)`` slice has a canonical view), so no extra kernel exists.
     """
     out = _kernel_view(_empty(a.shape, a.dtype))
-    n_channels = a.shape[1]
     mean, offset, scale = _rows(from_host(np.array([[0.0], [0.0], [1.0]])
-                                          * np.ones(n_channels)))
+                                          * np.ones(a.shape[1])))
     for d in range(a.shape[2]):
-        _launch_affine(_canonical(a[:, :, d]), mean, scale, offset, None,
-                       None, _canonical(out[:, :, d]), False)
+        src, dst = a[:, :, d], out[:, :, d]
+        shape4, (src4, dst4) = canonical_geometry(
+            src.shape, [src.strides, dst.strides])
+        _launch_affine(_strided_view(src, shape4, src4), mean, scale, offset,
+                       None, None, _strided_view(dst, shape4, dst4))
     return out
 
 
-def _canonical(a):
-    """The kernels' ``(N, C, R, S)`` view of ``a`` (a copy only where needed)."""
-    a = _kernel_view(a)
-    geometry = canonical_geometry(a.shape, a.strides)
+def _views(inputs, out_dtype):
+    """A new output like ``inputs[0]``, and the kernels' views of all arrays.
+
+    Returns
+    -------
+    out : device array
+        Uninitialized, ``out_dtype``, the first input's memory order.
+    list of device arrays
+        ``(N, C, R, S)`` views of the inputs and of ``out`` with one common
+        ``(R, S)`` split; inputs are copied (on the device) only where their
+        spatial axes do not merge into two.
+    """
+    out = empty_like(inputs[0], out_dtype)
+    arrays = [_kernel_view(a) for a in inputs] + [_kernel_view(out)]
+    geometry = canonical_geometry(out.shape, [a.strides for a in arrays])
     if geometry is None:
-        a = _contiguous_copy(a)
-        geometry = canonical_geometry(a.shape, a.strides)
-    return _strided_view(a, *geometry)
+        out = _empty(out.shape, out_dtype)
+        arrays = [_contiguous_copy(a) for a in arrays[:-1]] + [_kernel_view(out)]
+        geometry = canonical_geometry(out.shape, [a.strides for a in arrays])
+    shape4, strides4 = geometry
+    return out, [_strided_view(a, shape4, st) for a, st in zip(arrays, strides4)]
 
 
 def empty_like(x, dtype=None):
@@ -324,19 +339,12 @@ def copy_from_host(target, values):
         _kernel_view(target).copy_to_device(values, stream=_stream())
 
 
-def _launch_affine(x4, mean, scale, offset, dy4, gain, out4, channels_last):
+def _launch_affine(x4, mean, scale, offset, dy4, gain, out4):
     total = math.prod(x4.shape)
     tpb = config.threads_per_block
     blocks = max(1, min(-(-total // tpb), config.element_blocks))
     _launch(_affine_pass, blocks, tpb, x4, mean, scale, offset, dy4, gain,
-            out4, channels_last)
-
-
-def _affine_output(like, x4, mean, scale, offset, dy4, gain):
-    out = empty_like(like)
-    _launch_affine(x4, mean, scale, offset, dy4, gain, _canonical(out),
-                   is_channels_last(like.shape, like.strides))
-    return out
+            out4, is_channels_last(out4.shape, out4.strides))
 
 
 def _launch_partials(x4, dy4, center):
@@ -367,7 +375,7 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     Same parameters and returns as :func:`numba_bn.cpu.forward_batch_stats`,
     with device arrays.
     """
-    x4 = _canonical(x)
+    y, (x4, y4) = _views([x], x.dtype)
     n_samples, n_channels, rows, cols = x4.shape
     psum, psumsq = _launch_partials(x4, None, None)
     save_mean, save_invstd, scale, offset = _rows(
@@ -380,7 +388,7 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
         counter, momentum, cumulative, save_mean, save_invstd, scale, offset)
     if counter is not None:
         _launch(_count_batch, 1, 1, counter)
-    y = _affine_output(x, x4, save_mean, scale, offset, None, None)
+    _launch_affine(x4, save_mean, scale, offset, None, None, y4)
     return y, save_mean, save_invstd
 
 
@@ -390,14 +398,14 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var):
     Same parameters and returns as :func:`numba_bn.cpu.forward_running_stats`,
     with device arrays.
     """
-    x4 = _canonical(x)
+    y, (x4, y4) = _views([x], x.dtype)
     n_channels = x4.shape[1]
     save_mean, save_invstd, scale, offset = _rows(
         _empty((4, n_channels), np.float64))
     _launch_per_channel(_finish_running_stats, n_channels, running_mean,
                         running_var, weight, bias, eps, save_mean,
                         save_invstd, scale, offset)
-    y = _affine_output(x, x4, save_mean, scale, offset, None, None)
+    _launch_affine(x4, save_mean, scale, offset, None, None, y4)
     return y, save_mean, save_invstd
 
 
@@ -407,8 +415,7 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype):
     Same parameters and returns as :func:`numba_bn.cpu.backward`, with device
     arrays.
     """
-    x4 = _canonical(x)
-    dy4 = _canonical(dy)
+    dx, (x4, dy4, dx4) = _views([x, dy], dy.dtype)
     n_samples, n_channels, rows, cols = x4.shape
     if batch_stats or grad_dtype is not None:
         psum_dy, psum_dy_xmu = _launch_partials(x4, dy4, save_mean)
@@ -423,5 +430,5 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype):
         _finish_backward, n_channels, psum_dy, psum_dy_xmu,
         n_samples * rows * cols, save_invstd, weight, batch_stats,
         grad_weight, grad_bias, scale, offset, gain)
-    dx = _affine_output(x, x4, save_mean, scale, offset, dy4, gain)
+    _launch_affine(x4, save_mean, scale, offset, dy4, gain, dx4)
     return dx, grad_weight, grad_bias

@@ -1,0 +1,211 @@
+"""Every row of API.md's error table: the error type, the words, and no state change."""
+import numpy as np
+import pytest
+import torch
+
+import numba_bn as nbn
+
+
+def snapshot(bn):
+    state = {k: v.copy() for k, v in bn.state_dict().items()}
+    return state, bn.grad_weight, bn.grad_bias
+
+
+def assert_unchanged(bn, before):
+    state, grad_weight, grad_bias = before
+    after = bn.state_dict()
+    assert after.keys() == state.keys()
+    for key in state:
+        np.testing.assert_array_equal(after[key], state[key])
+    assert bn.grad_weight is grad_weight and bn.grad_bias is grad_bias
+
+
+@pytest.fixture
+def trained(rng):
+    bn = nbn.BatchNorm2d(3, momentum=None)
+    bn(rng.normal(size=(2, 3, 4, 4)).astype(np.float32))
+    bn.backward(np.ones((2, 3, 4, 4), np.float32))
+    return bn
+
+
+BAD_FORWARD = [
+    # (input, error, words)
+    (np.zeros((2, 3, 4), np.float32), ValueError, r"expected 4D input \(got 3D input\)"),
+    (np.zeros((2, 3, 4, 4, 1), np.float32), ValueError, r"expected 4D input \(got 5D input\)"),
+    (np.zeros((2, 4, 4, 4), np.float32), ValueError, r"3 channels.*4 channels"),
+    (np.zeros((1, 3, 1, 1), np.float32), ValueError, "Expected more than 1 value per channel when training"),
+    (np.zeros((2, 3, 4, 4), np.int32), TypeError, "int32"),
+    (np.zeros((2, 3, 4, 4), bool), TypeError, "bool"),
+    (np.zeros((2, 3, 4, 4), np.complex64), TypeError, "complex64"),
+    (np.zeros((2, 3, 4, 4), object), TypeError, "object"),
+    (np.zeros((2, 3, 4, 4), np.float64), TypeError, "float64.*float32"),
+    ([[[[1.0]]]], TypeError, "numpy.ndarray"),
+    (torch.zeros(2, 3, 4, 4), TypeError, "numpy.ndarray"),
+]
+
+
+@pytest.mark.parametrize("x, error, words", BAD_FORWARD)
+def test_bad_forward_input_raises_and_changes_nothing(trained, x, error, words):
+    before = snapshot(trained)
+    saved = trained._saved
+    with pytest.raises(error, match=words):
+        trained(x)
+    assert_unchanged(trained, before)
+    assert trained._saved is saved
+
+
+def test_bn1d_rank_message():
+    with pytest.raises(ValueError, match=r"expected 2D or 3D input \(got 4D input\)"):
+        nbn.BatchNorm1d(3)(np.zeros((2, 3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"expected 5D input \(got 4D input\)"):
+        nbn.BatchNorm3d(3)(np.zeros((2, 3, 4, 4), np.float32))
+
+
+def test_single_value_per_channel_is_fine_with_running_stats():
+    x = np.full((1, 3, 1, 1), 2.0, np.float32)
+    np.testing.assert_allclose(nbn.BatchNorm2d(3).eval()(x), 2 / np.sqrt(1 + 1e-5), rtol=1e-6)
+    np.testing.assert_allclose(nbn.BatchNorm2d(3, freeze=True)(x), 2 / np.sqrt(1 + 1e-5), rtol=1e-6)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        nbn.BatchNorm2d(3, track_running_stats=False).eval()(x)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        nbn.BatchNorm1d(3)(np.zeros((1, 3), np.float32))
+
+
+def test_float16_input_with_float32_parameters_is_mixed_precision(rng):
+    x = rng.normal(size=(4, 3, 2, 2)).astype(np.float16)
+    y = nbn.BatchNorm2d(3)(x)
+    assert y.dtype == np.float16
+    with pytest.raises(TypeError, match="float32.*float16|float16.*float64"):
+        nbn.BatchNorm2d(3, dtype="float64")(x)
+    with pytest.raises(TypeError, match="float32.*float16"):
+        nbn.BatchNorm2d(3, dtype="float16")(x.astype(np.float32))
+
+
+def test_module_without_parameters_accepts_any_float_dtype(rng):
+    bn = nbn.BatchNorm2d(3, affine=False, track_running_stats=False)
+    assert bn(rng.normal(size=(2, 3, 2, 2))).dtype == np.float64
+
+
+def test_parameter_on_other_device_names_to():
+    class CudaArray:  # any object with __cuda_array_interface__ is a GPU array
+        __cuda_array_interface__ = {}
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.raises(ValueError, match=r"weight is on cuda.*\.to\('cpu'\)"):
+        nbn.batch_norm(np.zeros((2, 3)), rm, rv, weight=CudaArray())
+
+
+def test_backward_errors(trained, rng):
+    fresh = nbn.BatchNorm2d(3)
+    with pytest.raises(RuntimeError, match="before any forward"):
+        fresh.backward(np.zeros((2, 3, 4, 4), np.float32))
+    before = snapshot(trained)
+    with pytest.raises(ValueError, match="shape"):
+        trained.backward(np.zeros((2, 3, 4, 5), np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        trained.backward(np.zeros((2, 3, 4, 4), np.float64))
+    assert_unchanged(trained, before)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"num_features": 0}, "num_features"),
+    ({"num_features": -2}, "num_features"),
+    ({"num_features": 3, "eps": 0.0}, "eps"),
+    ({"num_features": 3, "eps": -1e-5}, "eps"),
+    ({"num_features": 3, "momentum": -0.1}, "momentum"),
+    ({"num_features": 3, "momentum": 1.5}, "momentum"),
+    ({"num_features": 3, "device": "gpu"}, "device"),
+])
+def test_construction_errors(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        nbn.BatchNorm2d(**kwargs)
+
+
+def test_construction_type_errors():
+    with pytest.raises(TypeError, match="num_features"):
+        nbn.BatchNorm2d(3.5)
+    with pytest.raises(TypeError, match="dtype"):
+        nbn.BatchNorm2d(3, dtype="int32")
+
+
+def test_momentum_bounds_are_inclusive():
+    nbn.BatchNorm2d(3, momentum=0.0)
+    nbn.BatchNorm2d(3, momentum=1.0)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"running_mean": np.zeros(4)}, ValueError, r"running_mean must have shape \(3,\)"),
+    ({"running_var": np.ones(2)}, ValueError, r"running_var must have shape \(3,\)"),
+    ({"weight": np.ones(4)}, ValueError, r"weight must have shape \(3,\)"),
+    ({"bias": np.ones((3, 1))}, ValueError, r"bias must have shape \(3,\)"),
+    ({"weight": np.ones(3, np.float32)}, TypeError, "float64.*float32"),
+    ({"running_mean": None, "running_var": None}, ValueError, "required when training=False"),
+    ({"running_var": None}, ValueError, "both"),
+    ({"weight": [1.0, 1.0, 1.0]}, TypeError, "numpy.ndarray"),
+])
+def test_functional_errors_leave_buffers_alone(kwargs, error, words):
+    args = {"running_mean": np.zeros(3), "running_var": np.ones(3)}
+    args.update(kwargs)
+    kept = {k: None if v is None else np.array(v, copy=True) for k, v in args.items()}
+    with pytest.raises(error, match=words):
+        nbn.batch_norm(np.ones((4, 3)), **args)
+    for key, value in args.items():
+        if value is not None:
+            np.testing.assert_array_equal(value, kept[key])
+
+
+def test_functional_training_single_value_per_channel():
+    rm = np.zeros(3)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        nbn.batch_norm(np.ones((1, 3)), rm, np.ones(3), training=True)
+    np.testing.assert_array_equal(rm, 0)
+
+
+def test_functional_does_not_range_check_momentum(rng):
+    rm, rv = np.zeros(2), np.ones(2)
+    x = rng.normal(size=(5, 2))
+    nbn.batch_norm(x, rm, rv, training=True, momentum=2.0)
+    rm_t, rv_t = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    torch.nn.functional.batch_norm(torch.from_numpy(x), rm_t, rv_t, training=True, momentum=2.0)
+    np.testing.assert_allclose(rm, rm_t.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(rv, rv_t.numpy(), rtol=1e-12)
+
+
+def test_explicit_pair_errors(rng):
+    x = rng.normal(size=(4, 3))
+    y, mean, invstd = nbn.batch_norm_forward_training(x, None, None)
+    with pytest.raises(ValueError, match="shape"):
+        nbn.batch_norm_backward(np.ones((4, 2)), x, None, mean, invstd)
+    with pytest.raises(ValueError, match="save_mean"):
+        nbn.batch_norm_backward(np.ones((4, 3)), x, None, mean[:2], invstd)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        nbn.batch_norm_forward_training(np.ones((1, 3)), None, None)
+
+
+def test_load_state_dict_is_all_or_nothing():
+    bn = nbn.BatchNorm1d(3)
+    before = snapshot(bn)
+    good = {"weight": [2, 2, 2], "bias": [1, 1, 1], "running_mean": [1, 1, 1],
+            "running_var": [2, 2, 2], "num_batches_tracked": np.array(3)}
+    for bad, words in [({**good, "running_var": [1, 1]}, "running_var must have shape"),
+                       ({**good, "num_batches_tracked": [3]}, "num_batches_tracked must have shape"),
+                       ({k: v for k, v in good.items() if k != "bias"}, "missing keys"),
+                       ({**good, "stray": [0]}, "unexpected keys")]:
+        with pytest.raises(ValueError, match=words):
+            bn.load_state_dict(bad)
+        assert_unchanged(bn, before)
+    with pytest.raises(ValueError, match="must have shape"):
+        bn.load_state_dict({**good, "running_var": [1, 1]}, strict=False)
+    assert_unchanged(bn, before)
+
+
+def test_empty_batch_returns_empty_and_changes_nothing(trained):
+    before = snapshot(trained)
+    x = np.zeros((0, 3, 4, 4), np.float32)
+    y = trained(x)
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert_unchanged(trained, before)
+    dx = trained.backward(np.zeros_like(x))
+    assert dx.shape == x.shape
+    np.testing.assert_array_equal(trained.grad_weight, 0)
+    np.testing.assert_array_equal(trained.grad_bias, 0)
+    assert nbn.batch_norm(np.zeros((0, 2)), None, None, training=True).shape == (0, 2)

@@ -1,0 +1,84 @@
+"""Hard inputs: large means, NaN/inf, float16."""
+import numpy as np
+import pytest
+import torch
+
+import numba_bn as nbn
+
+from . import reference as ref
+
+
+def hard_input(rng, shape, mean=1e4, std=1.0):
+    """Per-channel mean ``mean`` and std ``std``, float32."""
+    c = shape[1]
+    centers = mean * (1 + 0.1 * np.arange(c)).reshape((1, c) + (1,) * (len(shape) - 2))
+    return (centers + rng.normal(0, std, shape)).astype(np.float32)
+
+
+def max_rel_error(actual, expected):
+    actual = np.asarray(actual, np.float64)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_mean_float32_no_worse_than_torch(rng, channels_last):
+    x = hard_input(rng, (16, 8, 12, 12))
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    mean, var = ref.batch_stats(x)
+    y_ref = ref.forward(x, mean, var)
+    ours = max_rel_error(nbn.BatchNorm2d(8)(x), y_ref)
+    xt = torch.from_numpy(x)
+    if channels_last:
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    theirs = max_rel_error(torch.nn.BatchNorm2d(8)(xt).detach().numpy(), y_ref)
+    assert ours <= max(theirs, 1e-6), (ours, theirs)
+    assert ours <= 1e-6  # float32 output rounding, nothing more
+
+
+def test_large_mean_statistics_and_backward(rng):
+    x = hard_input(rng, (32, 4, 9), mean=1e6)  # float32 still holds std 1 at 1e6
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    bn = nbn.BatchNorm1d(4)
+    y = bn(x)
+    mean, var = ref.batch_stats(x)
+    np.testing.assert_allclose(bn.running_mean, 0.1 * mean, rtol=1e-6)
+    n = x.size // 4
+    np.testing.assert_allclose(bn.running_var, 0.9 + 0.1 * var * n / (n - 1), rtol=1e-6)
+    assert max_rel_error(y, ref.forward(x, mean, var)) <= 1e-6
+    dx_ref = ref.backward_batch_stats(dy, x)[0]
+    assert max_rel_error(bn.backward(dy), dx_ref) <= 1e-5
+
+
+def test_variance_of_float64_with_huge_offset(rng):
+    x = 1e9 + rng.normal(0, 1e-3, (64, 3))
+    _, _, invstd = nbn.batch_norm_forward_training(x, None, None, eps=1e-12)
+    _, var = ref.batch_stats(x)
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(var + 1e-12), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("training", [True, False])
+def test_nan_and_inf_propagate_as_torch(bad, training, rng):
+    x = rng.normal(size=(4, 3, 2, 2)).astype(np.float32)
+    x[1, 1, 0, 1] = bad
+    ours = nbn.BatchNorm2d(3).train(training)
+    theirs = torch.nn.BatchNorm2d(3).train(training)
+    y = ours(x)
+    y_t = theirs(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(y_t))
+    finite = np.isfinite(y_t)
+    np.testing.assert_allclose(y[finite], y_t[finite], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.isnan(ours.running_mean),
+                                  np.isnan(theirs.running_mean.numpy()))
+
+
+def test_float16_statistics_accumulate_wide(rng):
+    # 65536 values of ~1000 each: a float16 sum would overflow (max 65504).
+    x = (1000 + rng.normal(0, 1, (256, 2, 16, 16))).astype(np.float16)
+    bn = nbn.BatchNorm2d(2)
+    y = bn(x)
+    assert y.dtype == np.float16 and np.isfinite(y).all()
+    mean, var = ref.batch_stats(x)
+    np.testing.assert_allclose(y, ref.forward(x, mean, var), atol=1e-2)
+    np.testing.assert_allclose(bn.running_mean, 0.1 * mean, rtol=1e-5)
