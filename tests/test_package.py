@@ -1,0 +1,43 @@
+"""The main job, import hygiene and Numba's global configuration."""
+import subprocess
+import sys
+import textwrap
+
+
+def run_python(code, *args):
+    return subprocess.run([sys.executable, *args] if not code else
+                          [sys.executable, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_main_job_runs_and_checks_against_float64():
+    done = run_python(None, "-m", "numba_bn", "--shape", "4", "3", "5", "5",
+                      "--steps", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "largest relative difference from float64" in done.stdout
+    assert "ms per training step" in done.stdout and "(ok" in done.stdout
+
+
+def test_import_touches_neither_cupy_nor_cuda():
+    done = run_python("""
+        import sys, numpy as np, numba_bn
+        numba_bn.BatchNorm2d(2)(np.ones((2, 2, 2, 2), np.float32))
+        loaded = [m for m in ("cupy", "numba.cuda", "numba_bn.cuda") if m in sys.modules]
+        print(loaded)
+        sys.exit(1 if loaded else 0)
+    """)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_numba_configuration_is_left_alone():
+    done = run_python("""
+        import numba
+        before = (numba.config.THREADING_LAYER, numba.get_num_threads())
+        import numpy as np, numba_bn
+        bn = numba_bn.BatchNorm2d(2)
+        bn(np.ones((2, 2, 3, 3), np.float32))
+        bn.backward(np.ones((2, 2, 3, 3), np.float32))
+        after = (numba.config.THREADING_LAYER, numba.get_num_threads())
+        assert before == after, (before, after)
+    """)
+    assert done.returncode == 0, done.stdout + done.stderr
