@@ -6,6 +6,13 @@ source compile into Numba's CPU kernels (``cpu.py``) and its CUDA kernels
 gradient coefficients with the same float64 arithmetic. The element passes
 themselves live in the backends, where memory access differs.
 
+The two element formulas (``partial_terms`` and ``affine_element``) are
+shared too, so that the twin kernels differ only in how they walk memory.
+
+Numba's on-disk cache keys a kernel on its own source file only: after
+editing this module, delete ``numba_bn/__pycache__`` (installed packages are
+not edited, so users never meet stale kernels).
+
 Partial sums arrive as ``(P, C)`` float64 arrays: one row per image plane on
 the CPU, one per thread block on the GPU.
 """
@@ -28,6 +35,33 @@ def channel_center(x4, center, c):
     if center is None:
         return np.float64(x4[0, c, 0, 0])
     return np.float64(center[c])
+
+
+@register_jitable
+def partial_terms(x4, dy4, n, c, r, s, k):
+    """The two summands of one element: ``u`` and ``u * (x - k)``.
+
+    ``u = dy``, or ``x - k`` when ``dy4`` is None (shifted first and second
+    moments in the forward pass, gradient sums in the backward pass).
+    """
+    v = np.float64(x4[n, c, r, s]) - k
+    if dy4 is None:
+        return v, v * v
+    u = np.float64(dy4[n, c, r, s])
+    return u, u * v
+
+
+@register_jitable
+def affine_element(x4, dy4, n, c, r, s, mean, scale, offset, gain):
+    """``(x - mean) * scale + offset``, plus ``gain * dy`` when ``dy4`` is given.
+
+    float64 arithmetic: ``x - mean`` must not round the mean to the input's
+    precision (mean 1e4 in float32 is off by up to 5e-4).
+    """
+    v = (np.float64(x4[n, c, r, s]) - mean[c]) * scale[c] + offset[c]
+    if dy4 is not None:
+        v += gain[c] * np.float64(dy4[n, c, r, s])
+    return v
 
 
 @register_jitable

@@ -63,37 +63,24 @@ def _channel_partials(x4, dy4, center, psum, psumprod):
         s2 = 0.0
         for r in range(rows):
             for s in range(cols):
-                v = x4[n, c, r, s] - k
-                if dy4 is None:
-                    u = v
-                else:
-                    u = np.float64(dy4[n, c, r, s])
+                u, uv = _channel.partial_terms(x4, dy4, n, c, r, s, k)
                 s1 += u
-                s2 += u * v
+                s2 += uv
         psum[n, c] = s1
         psumprod[n, c] = s2
 
 
 @njit(parallel=True, cache=True)
 def _affine_pass(x4, mean, scale, offset, dy4, gain, out4):
-    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` with ``dy4``.
-
-    float64 arithmetic: ``x - mean`` must not round the mean to the input's
-    precision (mean 1e4 in float32 is off by up to 5e-4).
-    """
+    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` with ``dy4``."""
     n_samples, n_channels, rows, cols = x4.shape
     for plane in prange(n_samples * n_channels):
         n = plane // n_channels
         c = plane - n * n_channels
-        m = mean[c]
-        a = scale[c]
-        b = offset[c]
         for r in range(rows):
             for s in range(cols):
-                v = (x4[n, c, r, s] - m) * a + b
-                if dy4 is not None:
-                    v += gain[c] * dy4[n, c, r, s]
-                out4[n, c, r, s] = v
+                out4[n, c, r, s] = _channel.affine_element(
+                    x4, dy4, n, c, r, s, mean, scale, offset, gain)
 
 
 @njit(cache=True)

@@ -108,13 +108,9 @@ def _channel_partials(x4, dy4, center, psum, psumprod):
             rs = j - n * plane
             r = rs // cols
             s = rs - r * cols
-            v = np.float64(x4[n, c, r, s]) - k
-            if dy4 is None:
-                u = v
-            else:
-                u = np.float64(dy4[n, c, r, s])
+            u, uv = _channel.partial_terms(x4, dy4, n, c, r, s, k)
             s1 += u
-            s2 += u * v
+            s2 += uv
         s1, s2 = _block_sum2(shared, s1, s2)
         if cuda.threadIdx.x == 0:
             psum[block, c] = s1
@@ -123,19 +119,13 @@ def _channel_partials(x4, dy4, center, psum, psumprod):
 
 @cuda.jit(cache=True)
 def _affine_pass(x4, mean, scale, offset, dy4, gain, out4, channels_last):
-    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` with ``dy4``.
-
-    float64 arithmetic: ``x - mean`` must not round the mean to the input's
-    precision (mean 1e4 in float32 is off by up to 5e-4).
-    """
+    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` with ``dy4``."""
     n_samples, n_channels, rows, cols = x4.shape
     total = n_samples * n_channels * rows * cols
     for j in range(cuda.grid(1), total, cuda.gridsize(1)):
         n, c, r, s = _element_index(j, n_channels, rows, cols, channels_last)
-        v = (np.float64(x4[n, c, r, s]) - mean[c]) * scale[c] + offset[c]
-        if dy4 is not None:
-            v += gain[c] * np.float64(dy4[n, c, r, s])
-        out4[n, c, r, s] = v
+        out4[n, c, r, s] = _channel.affine_element(
+            x4, dy4, n, c, r, s, mean, scale, offset, gain)
 
 
 @cuda.jit(cache=True)

@@ -27,8 +27,7 @@ class _MegEngineMomentum:
         return 1.0 - self.momentum, False
 
 
-class BatchNorm1d(_MegEngineMomentum, modules.BatchNorm1d):
-    """:class:`numba_bn.BatchNorm1d` with MegEngine's arguments.
+_DOC = """:class:`numba_bn.{name}` with MegEngine's arguments.
 
     Parameters
     ----------
@@ -39,38 +38,27 @@ class BatchNorm1d(_MegEngineMomentum, modules.BatchNorm1d):
         (1 - momentum) * batch`` (0.9 here equals PyTorch's 0.1).
     affine, track_running_stats, freeze : bool, optional
     device, dtype : optional
-        As :class:`numba_bn.BatchNorm1d`.
+        As :class:`numba_bn.{name}`.
 
     Examples
     --------
     >>> import numpy as np
     >>> from numba_bn import megengine
+{example}"""
+
+
+class BatchNorm1d(_MegEngineMomentum, modules.BatchNorm1d):
+    __doc__ = _DOC.format(name="BatchNorm1d", example="""\
     >>> bn = megengine.BatchNorm1d(1)
     >>> _ = bn(np.array([[1.0], [3.0]], np.float32))
     >>> bn.running_mean
     array([0.2], dtype=float32)
-    """
+    """)
 
 
 class BatchNorm2d(_MegEngineMomentum, modules.BatchNorm2d):
-    """:class:`numba_bn.BatchNorm2d` with MegEngine's arguments.
-
-    Parameters
-    ----------
-    num_features : int
-    eps : float, optional
-    momentum : float, optional
-        Weight of the old running value: ``running = momentum * running +
-        (1 - momentum) * batch`` (0.9 here equals PyTorch's 0.1).
-    affine, track_running_stats, freeze : bool, optional
-    device, dtype : optional
-        As :class:`numba_bn.BatchNorm2d`.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from numba_bn import megengine
+    __doc__ = _DOC.format(name="BatchNorm2d", example="""\
     >>> bn = megengine.BatchNorm2d(2, freeze=True)
     >>> bn(np.ones((1, 2, 1, 1), np.float32)).ravel()
     array([0.999995, 0.999995], dtype=float32)
-    """
+    """)

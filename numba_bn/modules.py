@@ -161,8 +161,8 @@ class _BatchNorm:
         >>> bn = nbn.BatchNorm1d(2)
         >>> y = bn(np.array([[1.0, 2.0], [3.0, 6.0]], dtype=np.float32))
         >>> y
-        array([[-0.99999505, -0.9999987 ],
-               [ 0.99999505,  0.9999987 ]], dtype=float32)
+        array([[-0.999995  , -0.99999875],
+               [ 0.999995  ,  0.99999875]], dtype=float32)
         >>> bn.running_mean, bn.running_var, bn.num_batches_tracked
         (array([0.2, 0.4], dtype=float32), array([1.1, 1.7], dtype=float32), array(1))
         """
@@ -371,45 +371,40 @@ class _BatchNorm:
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
+def _documented(inputs, example):
+    """The shared class docstring, for one input rank, with its own example."""
+    return (_BatchNorm.__doc__.replace("over the channel axis (axis 1)",
+                                       f"of {inputs} input over axis 1", 1)
+            + "\n    Examples\n    --------\n" + example)
+
+
 class BatchNorm1d(_BatchNorm):
-    __doc__ = _BatchNorm.__doc__.replace(
-        "over the channel axis (axis 1)",
-        "of ``(N, C)`` or ``(N, C, L)`` input over axis 1", 1) + """
-    Examples
-    --------
+    __doc__ = _documented("``(N, C)`` or ``(N, C, L)``", """\
     >>> import numpy as np, numba_bn as nbn
     >>> bn = nbn.BatchNorm1d(3)
     >>> bn(np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)).shape
     (8, 3)
-    """
+    """)
     _input_ndims = (2, 3)
 
 
 class BatchNorm2d(_BatchNorm):
-    __doc__ = _BatchNorm.__doc__.replace(
-        "over the channel axis (axis 1)",
-        "of ``(N, C, H, W)`` input over axis 1", 1) + """
-    Examples
-    --------
+    __doc__ = _documented("``(N, C, H, W)``", """\
     >>> import numpy as np, numba_bn as nbn
     >>> bn = nbn.BatchNorm2d(3)
     >>> x = np.random.default_rng(0).normal(5, 2, size=(4, 3, 8, 8))
     >>> y = bn(x.astype(np.float32))
     >>> float(abs(y.mean())) < 1e-6, bn.running_mean.round(1)
     (True, array([0.5, 0.5, 0.5], dtype=float32))
-    """
+    """)
     _input_ndims = (4,)
 
 
 class BatchNorm3d(_BatchNorm):
-    __doc__ = _BatchNorm.__doc__.replace(
-        "over the channel axis (axis 1)",
-        "of ``(N, C, D, H, W)`` input over axis 1", 1) + """
-    Examples
-    --------
+    __doc__ = _documented("``(N, C, D, H, W)``", """\
     >>> import numpy as np, numba_bn as nbn
     >>> bn = nbn.BatchNorm3d(2).eval()
     >>> bn(np.ones((1, 2, 2, 2, 2), np.float32)).max()
     np.float32(0.999995)
-    """
+    """)
     _input_ndims = (5,)

@@ -209,3 +209,12 @@ def test_empty_batch_returns_empty_and_changes_nothing(trained):
     np.testing.assert_array_equal(trained.grad_weight, 0)
     np.testing.assert_array_equal(trained.grad_bias, 0)
     assert nbn.batch_norm(np.zeros((0, 2)), None, None, training=True).shape == (0, 2)
+
+
+def test_cuda_tensor_requiring_grad_is_told_to_detach():
+    class RequiresGrad:  # what torch.Tensor does for a CUDA tensor with requires_grad
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("Can't export tensors that require gradient, use tensor.detach()")
+    with pytest.raises(TypeError, match=r"detach\(\)"):
+        nbn.BatchNorm2d(3)(RequiresGrad())
