@@ -7,7 +7,22 @@ two axes ``R`` and ``S`` wherever their strides allow it without a copy. Any
 1-d or 2-d input and any 3-d input whose strides merge one pair of spatial
 axes (contiguous, channels-last, most slices) therefore needs no copy, and
 the kernels are compiled for a single number of dimensions.
+
+Kernels walk either planes ``(n, c)`` (when a channel's values are
+contiguous, NCHW) or positions ``(n, r, s)`` with all channels at once (when
+the channel axis is the contiguous one: channels-last, ``(N, C)``).
 """
+from numba.extending import register_jitable
+
+
+@register_jitable
+def split_position(j, rows, cols):
+    """``(n, r, s)`` of the ``j``-th position, counting ``s`` fastest."""
+    plane = rows * cols
+    n = j // plane
+    rs = j - n * plane
+    r = rs // cols
+    return n, r, rs - r * cols
 
 
 def merge_spatial(shape, strides_per_array):

@@ -34,7 +34,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import _channel
-from ._layout import canonical_geometry, inverse, output_order
+from ._layout import (canonical_geometry, inverse, is_channels_last,
+                      output_order, split_position)
 
 DEVICE = "cpu"
 
@@ -42,6 +43,11 @@ DEVICE = "cpu"
 # dependency chain runs ~6x below memory speed); "reassoc"/"contract" keep
 # NaN and inf semantics intact, unlike fastmath=True.
 _REDUCTION_FLAGS = {"reassoc", "contract"}
+
+# Elements per chunk of a channel-innermost pass: a chunk's rows stay in the
+# L2 cache, and there are enough chunks to balance the threads. The chunking
+# depends on the shape alone, so results do not depend on the thread count.
+_ROWS_CHUNK_ELEMENTS = 32768
 
 
 # --------------------------------------------------------------------------
@@ -58,12 +64,12 @@ def _channel_partials(x4, dy4, center, psum, psumprod):
     for plane in prange(n_samples * n_channels):
         n = plane // n_channels
         c = plane - n * n_channels
-        k = _channel.channel_center(x4, center, c)
+        k = _channel.channel_center(x4[0, :, 0, 0], center, c)
         s1 = 0.0
         s2 = 0.0
         for r in range(rows):
             for s in range(cols):
-                u, uv = _channel.partial_terms(x4, dy4, n, c, r, s, k)
+                u, uv = _channel.partial_terms(x4, dy4, (n, c, r, s), k)
                 s1 += u
                 s2 += uv
         psum[n, c] = s1
@@ -80,17 +86,59 @@ def _affine_pass(x4, mean, scale, offset, dy4, gain, out4):
         for r in range(rows):
             for s in range(cols):
                 out4[n, c, r, s] = _channel.affine_element(
-                    x4, dy4, n, c, r, s, mean, scale, offset, gain)
+                    x4, dy4, (n, c, r, s), c, mean, scale, offset, gain)
+
+
+@njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
+def _channel_partials_rows(xp, dyp, center, psum, psumprod):
+    """Channel-innermost twin of ``_channel_partials``.
+
+    Takes position-major views ``(N, R, S, C)``; partial row ``p`` sums the
+    ``p``-th chunk of positions, every channel at once, so the inner loop
+    runs along the contiguous channel axis.
+    """
+    n_samples, rows, cols, n_channels = xp.shape
+    positions = n_samples * rows * cols
+    chunks = psum.shape[0]
+    per_chunk = -(-positions // chunks)
+    for p in prange(chunks):
+        k = np.empty(n_channels)
+        for c in range(n_channels):
+            k[c] = _channel.channel_center(xp[0, 0, 0], center, c)
+        s1 = np.zeros(n_channels)
+        s2 = np.zeros(n_channels)
+        for j in range(p * per_chunk, min(positions, (p + 1) * per_chunk)):
+            n, r, s = split_position(j, rows, cols)
+            for c in range(n_channels):
+                u, uv = _channel.partial_terms(xp, dyp, (n, r, s, c), k[c])
+                s1[c] += u
+                s2[c] += uv
+        psum[p, :] = s1
+        psumprod[p, :] = s2
+
+
+@njit(parallel=True, cache=True)
+def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, outp, chunks):
+    """Channel-innermost twin of ``_affine_pass`` on position-major views."""
+    n_samples, rows, cols, n_channels = xp.shape
+    positions = n_samples * rows * cols
+    per_chunk = -(-positions // chunks)
+    for p in prange(chunks):
+        for j in range(p * per_chunk, min(positions, (p + 1) * per_chunk)):
+            n, r, s = split_position(j, rows, cols)
+            for c in range(n_channels):
+                outp[n, r, s, c] = _channel.affine_element(
+                    xp, dyp, (n, r, s, c), c, mean, scale, offset, gain)
 
 
 @njit(cache=True)
-def _finish_batch_stats(x4, psum, psumsq, count, weight, bias, eps,
+def _finish_batch_stats(first, psum, psumsq, count, weight, bias, eps,
                         running_mean, running_var, num_batches_tracked,
                         momentum, cumulative, save_mean, save_invstd,
                         scale, offset):
     for c in range(psum.shape[1]):
         _channel.finish_batch_stats(
-            c, x4, psum, psumsq, count, weight, bias, eps, running_mean,
+            c, first, psum, psumsq, count, weight, bias, eps, running_mean,
             running_var, num_batches_tracked, momentum, cumulative,
             save_mean, save_invstd, scale, offset)
 
@@ -134,7 +182,8 @@ def _serial_twin(kernel):
 
 
 _SERIAL_TWINS = {kernel: _serial_twin(kernel)
-                 for kernel in (_channel_partials, _affine_pass)}
+                 for kernel in (_channel_partials, _channel_partials_rows,
+                                _affine_pass, _affine_pass_rows)}
 _launch_lock = threading.Lock()
 _parallel_unsafe = False
 
@@ -158,6 +207,49 @@ def _launch(kernel, *args):
         kernel = _SERIAL_TWINS[kernel]
     with _launch_lock:
         kernel(*args)
+
+
+def _position_major(a4):
+    """``(N, R, S, C)`` view: C-contiguous (so Numba knows the unit stride)
+    for dense channels-last data."""
+    return None if a4 is None else a4.transpose(0, 2, 3, 1)
+
+
+def _row_chunks(x4):
+    """Chunks of positions for a channel-innermost pass over ``x4``."""
+    n_samples, n_channels, rows, cols = x4.shape
+    positions = n_samples * rows * cols
+    return max(1, min(positions,
+                      -(-positions * n_channels // _ROWS_CHUNK_ELEMENTS)))
+
+
+def _partials(x4, dy4, center):
+    """Partial sums of every channel as two ``(P, C)`` float64 arrays.
+
+    Per plane (P = N) when a channel's values are contiguous, per chunk of
+    positions when the channel axis is.
+    """
+    n_channels = x4.shape[1]
+    rows_layout = is_channels_last(x4.shape, x4.strides)
+    parts = _row_chunks(x4) if rows_layout else x4.shape[0]
+    psum = np.empty((parts, n_channels))
+    psumprod = np.empty((parts, n_channels))
+    if rows_layout:
+        _launch(_channel_partials_rows, _position_major(x4),
+                _position_major(dy4), center, psum, psumprod)
+    else:
+        _launch(_channel_partials, x4, dy4, center, psum, psumprod)
+    return psum, psumprod
+
+
+def _affine(x4, mean, scale, offset, dy4, gain, out4):
+    """``out4 = (x4 - mean) * scale + offset [+ gain * dy4]``, layout-wise."""
+    if is_channels_last(x4.shape, x4.strides):
+        _launch(_affine_pass_rows, _position_major(x4), mean, scale, offset,
+                _position_major(dy4), gain, _position_major(out4),
+                _row_chunks(x4))
+    else:
+        _launch(_affine_pass, x4, mean, scale, offset, dy4, gain, out4)
 
 
 # --------------------------------------------------------------------------
@@ -191,28 +283,49 @@ def _write_back(target, computed):
             target[...] = computed
 
 
-def _views(inputs, out_dtype):
-    """A new output like ``inputs[0]``, and the kernels' views of all arrays.
+def _views(inputs, out):
+    """The array the kernels write, and their views of all arrays.
+
+    Parameters
+    ----------
+    inputs : list of numpy.ndarray
+        float32/float64 inputs of one shape.
+    out : numpy.ndarray or None
+        The caller's output, or None for a new one like ``inputs[0]``.
 
     Returns
     -------
-    out : numpy.ndarray
-        Uninitialized, ``out_dtype``, the first input's memory order.
+    target : numpy.ndarray
+        ``out`` itself when the kernels can write it (not float16), else a
+        new float32/float64 array in the first input's memory order.
     list of numpy.ndarray
-        ``(N, C, R, S)`` views of the inputs and of ``out`` with one common
-        ``(R, S)`` split; inputs are copied only where their spatial axes do
-        not merge into two.
+        ``(N, C, R, S)`` views of the inputs and of ``target`` with one
+        common ``(R, S)`` split; inputs are copied only where their spatial
+        axes do not merge into two.
     """
-    out = empty_like(inputs[0], out_dtype)
-    arrays = list(inputs) + [out]
-    geometry = canonical_geometry(out.shape, [a.strides for a in arrays])
+    compute_dtype = inputs[0].dtype
+    target = out
+    if out is None or out.dtype != compute_dtype:
+        target = empty_like(inputs[0] if out is None else out, compute_dtype)
+    arrays = list(inputs) + [target]
+    geometry = canonical_geometry(target.shape, [a.strides for a in arrays])
     if geometry is None:
-        arrays = [np.ascontiguousarray(a) for a in arrays]
-        out = arrays[-1]
-        geometry = canonical_geometry(out.shape, [a.strides for a in arrays])
-    shape4, strides4 = geometry
-    return out, [np.lib.stride_tricks.as_strided(a, shape4, st)
-                 for a, st in zip(arrays, strides4)]
+        arrays = [np.ascontiguousarray(a) for a in inputs]
+        target = np.empty(target.shape, compute_dtype)
+        arrays.append(target)
+        geometry = canonical_geometry(target.shape, [a.strides for a in arrays])
+    shape4 = geometry[0]
+    # A reshape is a view here (the geometry says the axes merge) and far
+    # cheaper than as_strided; size-1 axes take whatever stride it gives.
+    return target, [a.reshape(shape4) for a in arrays]
+
+
+def _deliver(target, dtype, out):
+    """The result in ``dtype``: ``out`` when given (filled from ``target``)."""
+    if out is None:
+        return _to_dtype(target, dtype)
+    _write_back(out, target)
+    return out
 
 
 def empty_like(x, dtype=None):
@@ -249,7 +362,7 @@ def copy_from_host(target, values):
 # operations
 
 def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
-                        num_batches_tracked, momentum, cumulative):
+                        num_batches_tracked, momentum, cumulative, out=None):
     """Normalize ``x`` with its batch statistics; update the running ones.
 
     Parameters
@@ -268,22 +381,22 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     cumulative : bool
         Use ``1 / num_batches_tracked`` (after the increment) instead of
         ``momentum``.
+    out : numpy.ndarray, optional
+        Validated output array (shape and dtype of ``x``) to fill and return.
 
     Returns
     -------
     y, save_mean, save_invstd : numpy.ndarray
         Output like ``x``; float64 batch mean and ``1 / sqrt(var + eps)``.
     """
-    y, (x4, y4) = _views([_computable(x)], _compute_dtype(x.dtype))
+    y, (x4, y4) = _views([_computable(x)], out)
     n_samples, n_channels, rows, cols = x4.shape
-    psum = np.empty((n_samples, n_channels))
-    psumsq = np.empty((n_samples, n_channels))
-    _launch(_channel_partials, x4, None, None, psum, psumsq)
+    psum, psumsq = _partials(x4, None, None)
     save_mean, save_invstd, scale, offset = np.empty((4, n_channels))
     rm, rv = _computable(running_mean), _computable(running_var)
     counter = (None if num_batches_tracked is None
                else num_batches_tracked.reshape(1))
-    _finish_batch_stats(x4, psum, psumsq, n_samples * rows * cols,
+    _finish_batch_stats(x4[0, :, 0, 0], psum, psumsq, n_samples * rows * cols,
                         _computable(weight), _computable(bias), eps, rm, rv,
                         counter, momentum, cumulative, save_mean, save_invstd,
                         scale, offset)
@@ -292,11 +405,12 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
         _write_back(running_var, rv)
     if counter is not None:
         counter += 1
-    _launch(_affine_pass, x4, save_mean, scale, offset, None, None, y4)
-    return _to_dtype(y, x.dtype), save_mean, save_invstd
+    _affine(x4, save_mean, scale, offset, None, None, y4)
+    return _deliver(y, x.dtype, out), save_mean, save_invstd
 
 
-def forward_running_stats(x, weight, bias, eps, running_mean, running_var):
+def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
+                          out=None):
     """Normalize ``x`` with the running statistics (eval mode, frozen).
 
     Returns
@@ -305,17 +419,18 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var):
         Output like ``x``; the float64 running mean and
         ``1 / sqrt(running_var + eps)`` that normalized it.
     """
-    y, (x4, y4) = _views([_computable(x)], _compute_dtype(x.dtype))
+    y, (x4, y4) = _views([_computable(x)], out)
     n_channels = x4.shape[1]
     save_mean, save_invstd, scale, offset = np.empty((4, n_channels))
     _finish_running_stats(_computable(running_mean), _computable(running_var),
                           _computable(weight), _computable(bias), eps,
                           save_mean, save_invstd, scale, offset)
-    _launch(_affine_pass, x4, save_mean, scale, offset, None, None, y4)
-    return _to_dtype(y, x.dtype), save_mean, save_invstd
+    _affine(x4, save_mean, scale, offset, None, None, y4)
+    return _deliver(y, x.dtype, out), save_mean, save_invstd
 
 
-def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype):
+def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
+             out=None):
     """Gradients of a forward that normalized with ``save_mean``/``save_invstd``.
 
     Parameters
@@ -330,23 +445,22 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype):
         through them) or constants (running statistics).
     grad_dtype : numpy.dtype or None
         dtype of ``grad_weight``/``grad_bias``; None computes neither.
+    out : numpy.ndarray, optional
+        Validated output array for ``dx``.
 
     Returns
     -------
     dx : numpy.ndarray
     grad_weight, grad_bias : numpy.ndarray or None
     """
-    dx, (x4, dy4, dx4) = _views([_computable(x), _computable(dy)],
-                                _compute_dtype(dy.dtype))
+    dx, (x4, dy4, dx4) = _views([_computable(x), _computable(dy)], out)
     n_samples, n_channels, rows, cols = x4.shape
     save_mean, save_invstd = _computable(save_mean), _computable(save_invstd)
-    # Constant statistics and no parameter gradient: dx = gain * dy needs no sums.
-    planes = n_samples if (batch_stats or grad_dtype is not None) else 0
-    psum_dy = np.zeros((planes, n_channels))
-    psum_dy_xmu = np.zeros((planes, n_channels))
-    if planes:
-        _launch(_channel_partials, x4, dy4, save_mean, psum_dy,
-                psum_dy_xmu)
+    if batch_stats or grad_dtype is not None:
+        psum_dy, psum_dy_xmu = _partials(x4, dy4, save_mean)
+    else:
+        # Constant statistics and no parameter gradient: dx = gain * dy.
+        psum_dy = psum_dy_xmu = np.zeros((0, n_channels))
     grad_weight = grad_bias = None
     if grad_dtype is not None:
         grad_weight, grad_bias = np.empty((2, n_channels),
@@ -355,8 +469,8 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype):
     _finish_backward(psum_dy, psum_dy_xmu, n_samples * rows * cols,
                      save_invstd, _computable(weight), batch_stats,
                      grad_weight, grad_bias, scale, offset, gain)
-    _launch(_affine_pass, x4, save_mean, scale, offset, dy4, gain, dx4)
+    _affine(x4, save_mean, scale, offset, dy4, gain, dx4)
     if grad_dtype is not None:
         grad_weight = _to_dtype(grad_weight, grad_dtype)
         grad_bias = _to_dtype(grad_bias, grad_dtype)
-    return _to_dtype(dx, dy.dtype), grad_weight, grad_bias
+    return _deliver(dx, dy.dtype, out), grad_weight, grad_bias

@@ -24,7 +24,8 @@ import numpy as np
 from numba import cuda
 
 from . import _channel, config
-from ._layout import canonical_geometry, inverse, is_channels_last, output_order
+from ._layout import (canonical_geometry, inverse, is_channels_last,
+                      output_order, split_position)
 
 DEVICE = "cuda"
 
@@ -94,21 +95,17 @@ def _channel_partials(x4, dy4, center, psum, psumprod):
     """
     shared = cuda.shared.array(0, numba.float64)
     n_samples, n_channels, rows, cols = x4.shape
-    plane = rows * cols
-    count = n_samples * plane
+    count = n_samples * rows * cols
     block = cuda.blockIdx.x
     stride = cuda.gridDim.x * cuda.blockDim.x
     for c in range(cuda.blockIdx.y, n_channels, cuda.gridDim.y):
-        k = _channel.channel_center(x4, center, c)
+        k = _channel.channel_center(x4[0, :, 0, 0], center, c)
         s1 = 0.0
         s2 = 0.0
         for j in range(block * cuda.blockDim.x + cuda.threadIdx.x, count,
                        stride):
-            n = j // plane
-            rs = j - n * plane
-            r = rs // cols
-            s = rs - r * cols
-            u, uv = _channel.partial_terms(x4, dy4, n, c, r, s, k)
+            n, r, s = split_position(j, rows, cols)
+            u, uv = _channel.partial_terms(x4, dy4, (n, c, r, s), k)
             s1 += u
             s2 += uv
         s1, s2 = _block_sum2(shared, s1, s2)
@@ -125,18 +122,18 @@ def _affine_pass(x4, mean, scale, offset, dy4, gain, out4, channels_last):
     for j in range(cuda.grid(1), total, cuda.gridsize(1)):
         n, c, r, s = _element_index(j, n_channels, rows, cols, channels_last)
         out4[n, c, r, s] = _channel.affine_element(
-            x4, dy4, n, c, r, s, mean, scale, offset, gain)
+            x4, dy4, (n, c, r, s), c, mean, scale, offset, gain)
 
 
 @cuda.jit(cache=True)
-def _finish_batch_stats(x4, psum, psumsq, count, weight, bias, eps,
+def _finish_batch_stats(first, psum, psumsq, count, weight, bias, eps,
                         running_mean, running_var, num_batches_tracked,
                         momentum, cumulative, save_mean, save_invstd,
                         scale, offset):
     c = cuda.grid(1)
     if c < psum.shape[1]:
         _channel.finish_batch_stats(
-            c, x4, psum, psumsq, count, weight, bias, eps, running_mean,
+            c, first, psum, psumsq, count, weight, bias, eps, running_mean,
             running_var, num_batches_tracked, momentum, cumulative,
             save_mean, save_invstd, scale, offset)
 
@@ -242,45 +239,64 @@ def _rows(block):
     return [block[i] for i in range(block.shape[0])]
 
 
-def _contiguous_copy(a):
-    """C-contiguous copy of a 5-d ``a`` whose spatial axes do not merge.
+def _copy(src, dst):
+    """``dst[...] = src`` for 5-d arrays whose spatial axes need not merge.
 
-    Copies one depth slice at a time with the identity affine pass (each
+    One depth slice at a time with the identity affine pass (each
     ``(N, C, H, W)`` slice has a canonical view), so no extra kernel exists.
     """
-    out = _kernel_view(_empty(a.shape, a.dtype))
     mean, offset, scale = _rows(from_host(np.array([[0.0], [0.0], [1.0]])
-                                          * np.ones(a.shape[1])))
-    for d in range(a.shape[2]):
-        src, dst = a[:, :, d], out[:, :, d]
+                                          * np.ones(src.shape[1])))
+    for d in range(src.shape[2]):
+        src_d, dst_d = src[:, :, d], dst[:, :, d]
         shape4, (src4, dst4) = canonical_geometry(
-            src.shape, [src.strides, dst.strides])
-        _launch_affine(_strided_view(src, shape4, src4), mean, scale, offset,
-                       None, None, _strided_view(dst, shape4, dst4))
-    return out
+            src_d.shape, [src_d.strides, dst_d.strides])
+        _launch_affine(_strided_view(src_d, shape4, src4), mean, scale,
+                       offset, None, None, _strided_view(dst_d, shape4, dst4))
 
 
-def _views(inputs, out_dtype):
-    """A new output like ``inputs[0]``, and the kernels' views of all arrays.
+def _views(inputs, out):
+    """The array the kernels write, and their views of all arrays.
+
+    Parameters
+    ----------
+    inputs : list of device arrays
+        Inputs of one shape and dtype.
+    out : device array or None
+        The caller's output, or None for a new one like ``inputs[0]``.
 
     Returns
     -------
-    out : device array
-        Uninitialized, ``out_dtype``, the first input's memory order.
+    target : device array
+        ``out`` (or a new array like ``inputs[0]``), or a contiguous
+        stand-in when the spatial axes do not merge (see :func:`_deliver`).
     list of device arrays
-        ``(N, C, R, S)`` views of the inputs and of ``out`` with one common
-        ``(R, S)`` split; inputs are copied (on the device) only where their
-        spatial axes do not merge into two.
+        ``(N, C, R, S)`` views of the inputs and of ``target`` with one
+        common ``(R, S)`` split; inputs are copied (on the device) only
+        where their spatial axes do not merge into two.
     """
-    out = empty_like(inputs[0], out_dtype)
-    arrays = [_kernel_view(a) for a in inputs] + [_kernel_view(out)]
-    geometry = canonical_geometry(out.shape, [a.strides for a in arrays])
+    target = empty_like(inputs[0]) if out is None else out
+    arrays = [_kernel_view(a) for a in inputs + [target]]
+    geometry = canonical_geometry(target.shape, [a.strides for a in arrays])
     if geometry is None:
-        out = _empty(out.shape, out_dtype)
-        arrays = [_contiguous_copy(a) for a in arrays[:-1]] + [_kernel_view(out)]
-        geometry = canonical_geometry(out.shape, [a.strides for a in arrays])
+        contiguous = []
+        for a in arrays[:-1]:
+            contiguous.append(_kernel_view(_empty(a.shape, a.dtype)))
+            _copy(a, contiguous[-1])
+        target = _empty(target.shape, target.dtype)
+        arrays = contiguous + [_kernel_view(target)]
+        geometry = canonical_geometry(target.shape, [a.strides for a in arrays])
     shape4, strides4 = geometry
-    return out, [_strided_view(a, shape4, st) for a, st in zip(arrays, strides4)]
+    return target, [_strided_view(a, shape4, st)
+                    for a, st in zip(arrays, strides4)]
+
+
+def _deliver(target, out):
+    """``out`` when given (filled from a stand-in ``target``), else ``target``."""
+    if out is None or target is out:
+        return target
+    _copy(_kernel_view(target), _kernel_view(out))
+    return out
 
 
 def empty_like(x, dtype=None):
@@ -359,13 +375,13 @@ def _launch_per_channel(kernel, n_channels, *args):
 # operations
 
 def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
-                        num_batches_tracked, momentum, cumulative):
+                        num_batches_tracked, momentum, cumulative, out=None):
     """Normalize ``x`` with its batch statistics; update the running ones.
 
     Same parameters and returns as :func:`numba_bn.cpu.forward_batch_stats`,
     with device arrays.
     """
-    y, (x4, y4) = _views([x], x.dtype)
+    y, (x4, y4) = _views([x], out)
     n_samples, n_channels, rows, cols = x4.shape
     psum, psumsq = _launch_partials(x4, None, None)
     save_mean, save_invstd, scale, offset = _rows(
@@ -373,22 +389,23 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     counter = (None if num_batches_tracked is None
                else _strided_view(num_batches_tracked, (1,), (8,)))
     _launch_per_channel(
-        _finish_batch_stats, n_channels, x4, psum, psumsq,
+        _finish_batch_stats, n_channels, x4[0, :, 0, 0], psum, psumsq,
         n_samples * rows * cols, weight, bias, eps, running_mean, running_var,
         counter, momentum, cumulative, save_mean, save_invstd, scale, offset)
     if counter is not None:
         _launch(_count_batch, 1, 1, counter)
     _launch_affine(x4, save_mean, scale, offset, None, None, y4)
-    return y, save_mean, save_invstd
+    return _deliver(y, out), save_mean, save_invstd
 
 
-def forward_running_stats(x, weight, bias, eps, running_mean, running_var):
+def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
+                          out=None):
     """Normalize ``x`` with the running statistics (eval mode, frozen).
 
     Same parameters and returns as :func:`numba_bn.cpu.forward_running_stats`,
     with device arrays.
     """
-    y, (x4, y4) = _views([x], x.dtype)
+    y, (x4, y4) = _views([x], out)
     n_channels = x4.shape[1]
     save_mean, save_invstd, scale, offset = _rows(
         _empty((4, n_channels), np.float64))
@@ -396,16 +413,17 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var):
                         running_var, weight, bias, eps, save_mean,
                         save_invstd, scale, offset)
     _launch_affine(x4, save_mean, scale, offset, None, None, y4)
-    return y, save_mean, save_invstd
+    return _deliver(y, out), save_mean, save_invstd
 
 
-def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype):
+def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
+             out=None):
     """Gradients of a forward that normalized with ``save_mean``/``save_invstd``.
 
     Same parameters and returns as :func:`numba_bn.cpu.backward`, with device
     arrays.
     """
-    dx, (x4, dy4, dx4) = _views([x, dy], dy.dtype)
+    dx, (x4, dy4, dx4) = _views([x, dy], out)
     n_samples, n_channels, rows, cols = x4.shape
     if batch_stats or grad_dtype is not None:
         psum_dy, psum_dy_xmu = _launch_partials(x4, dy4, save_mean)
@@ -421,4 +439,4 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype):
         n_samples * rows * cols, save_invstd, weight, batch_stats,
         grad_weight, grad_bias, scale, offset, gain)
     _launch_affine(x4, save_mean, scale, offset, dy4, gain, dx4)
-    return dx, grad_weight, grad_bias
+    return _deliver(dx, out), grad_weight, grad_bias

@@ -14,7 +14,7 @@ __all__ = ["batch_norm", "batch_norm_forward_training", "batch_norm_backward"]
 
 def normalize(backend, x, weight, bias, eps, batch_stats, running_mean,
               running_var, num_batches_tracked=None, momentum=0.0,
-              cumulative=False):
+              cumulative=False, out=None):
     """Validated forward: batch or running statistics, on ``backend``.
 
     Running buffers given with ``batch_stats`` are updated; without
@@ -28,17 +28,17 @@ def normalize(backend, x, weight, bias, eps, batch_stats, running_mean,
         float64 statistics that normalized (None for an empty batch).
     """
     if x.size == 0:
-        return backend.empty_like(x), None, None
+        return (backend.empty_like(x) if out is None else out), None, None
     if batch_stats:
         return backend.forward_batch_stats(
             x, weight, bias, float(eps), running_mean, running_var,
-            num_batches_tracked, float(momentum), bool(cumulative))
+            num_batches_tracked, float(momentum), bool(cumulative), out)
     return backend.forward_running_stats(x, weight, bias, float(eps),
-                                         running_mean, running_var)
+                                         running_mean, running_var, out)
 
 
 def gradients(backend, dy, x, weight, save_mean, save_invstd, batch_stats,
-              grad_dtype):
+              grad_dtype, out=None):
     """Validated backward on ``backend``; see ``cpu.backward``.
 
     For an empty batch ``dx`` is empty and the parameter gradients are zeros.
@@ -47,13 +47,13 @@ def gradients(backend, dy, x, weight, save_mean, save_invstd, batch_stats,
         grads = (None, None) if grad_dtype is None else tuple(
             backend.from_host(np.zeros(x.shape[1], grad_dtype))
             for _ in range(2))
-        return (backend.empty_like(x),) + grads
+        return (backend.empty_like(x) if out is None else out,) + grads
     return backend.backward(dy, x, weight, save_mean, save_invstd,
-                            batch_stats, grad_dtype)
+                            batch_stats, grad_dtype, out)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None,
-               training=False, momentum=0.1, eps=1e-5):
+               training=False, momentum=0.1, eps=1e-5, *, out=None):
     r"""Batch normalization, as ``torch.nn.functional.batch_norm``.
 
     .. math:: y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \gamma + \beta
@@ -80,11 +80,15 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None,
         Weight of the batch in the running averages (not range-checked).
     eps : float, optional
         Added to the variance before the square root.
+    out : array, optional
+        Keyword only. Array of ``x``'s shape, dtype and device to write
+        ``y`` into (no allocation per call); must not overlap ``x``.
 
     Returns
     -------
     array
-        ``y``, same shape, dtype, device and memory order as ``x``.
+        ``y`` (``out`` when given), same shape, dtype, device and memory
+        order as ``x``.
 
     Raises
     ------
@@ -118,12 +122,13 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None,
                    running_var=running_var, weight=weight, bias=bias)
     if training:
         check.check_values_per_channel(x)
+    out = check_output(out, x, [x], backend)
     y, _, _ = normalize(backend, x, weight, bias, eps, training, running_mean,
-                        running_var, None, momentum)
+                        running_var, None, momentum, out=out)
     return y
 
 
-def batch_norm_forward_training(x, weight, bias, eps=1e-5):
+def batch_norm_forward_training(x, weight, bias, eps=1e-5, *, out=None):
     """Training forward that returns what the backward needs.
 
     Parameters
@@ -133,6 +138,8 @@ def batch_norm_forward_training(x, weight, bias, eps=1e-5):
     weight, bias : array or None
         ``(C,)`` affine parameters.
     eps : float, optional
+    out : array, optional
+        Keyword only. Where to write ``y``, as in :func:`batch_norm`.
 
     Returns
     -------
@@ -160,10 +167,11 @@ def batch_norm_forward_training(x, weight, bias, eps=1e-5):
     check.check_float_input(x)
     _check_vectors(backend, x, weight=weight, bias=bias)
     check.check_values_per_channel(x)
-    return normalize(backend, x, weight, bias, eps, True, None, None)
+    out = check_output(out, x, [x], backend)
+    return normalize(backend, x, weight, bias, eps, True, None, None, out=out)
 
 
-def batch_norm_backward(dy, x, weight, save_mean, save_invstd):
+def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, out=None):
     r"""Gradients of :func:`batch_norm_forward_training`.
 
     With :math:`\hat x = (x - \mu) \cdot invstd` and :math:`n` values per
@@ -186,6 +194,9 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd):
         ``(C,)`` :math:`\gamma` of the forward.
     save_mean, save_invstd : array
         ``(C,)`` statistics returned by the forward.
+    out : array, optional
+        Keyword only. Where to write ``dx``; must not overlap ``dy`` or
+        ``x``.
 
     Returns
     -------
@@ -219,9 +230,10 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd):
             raise ValueError(f"{name} must have shape ({x.shape[1]},), got "
                              f"{tuple(a.shape)}")
     _check_vectors(backend, x, weight=weight)
+    out = check_output(out, dy, [dy, x], backend)
     grad_dtype = None if weight is None else weight.dtype
     return gradients(backend, dy, x, weight, save_mean, save_invstd, True,
-                     grad_dtype)
+                     grad_dtype, out)
 
 
 def check_gradient(dy, x, backend):
@@ -230,6 +242,14 @@ def check_gradient(dy, x, backend):
     dy = backend_for(dy)[1]
     check.check_same_as_input(dy, x)
     return dy
+
+
+def check_output(out, like, inputs, backend):
+    """``out=`` as ``backend`` reads it, checked against ``like`` (None passes)."""
+    if out is None:
+        return None
+    check.check_out(out, like, inputs, backend.DEVICE)
+    return backend_for(out)[1]
 
 
 def _check_vectors(backend, x, **vectors):

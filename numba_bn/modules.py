@@ -3,7 +3,7 @@ import numpy as np
 
 from . import _validation as check
 from ._dispatch import backend_for, backend_named
-from .functional import check_gradient, gradients, normalize
+from .functional import check_gradient, check_output, gradients, normalize
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -123,10 +123,10 @@ class _BatchNorm:
     # ------------------------------------------------------------------
     # forward and backward
 
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, *, out=None):
+        return self.forward(x, out=out)
 
-    def forward(self, x):
+    def forward(self, x, *, out=None):
         """Normalize ``x``.
 
         Training mode (and not frozen), or without running statistics: batch
@@ -140,11 +140,16 @@ class _BatchNorm:
         x : array
             Input of this module's rank, ``C = num_features``; a NumPy array
             on a CPU module, a CuPy or other CUDA array on a CUDA module.
+        out : array, optional
+            Keyword only. Array of ``x``'s shape, dtype and device to write
+            the output into, so that training loops allocate nothing per
+            call; must not overlap ``x``.
 
         Returns
         -------
         array
-            Same shape, dtype, device and memory order as ``x``.
+            ``out`` when given; same shape, dtype, device and memory order
+            as ``x``.
 
         Raises
         ------
@@ -172,6 +177,7 @@ class _BatchNorm:
                        or not self.track_running_stats)
         if batch_stats:
             check.check_values_per_channel(x)
+        out = check_output(out, x, [x], backend)
         update = self.training and self.track_running_stats and not self.freeze
         momentum, cumulative = self._running_average()
         y, save_mean, save_invstd = normalize(
@@ -179,11 +185,11 @@ class _BatchNorm:
             self.running_mean if update or not batch_stats else None,
             self.running_var if update or not batch_stats else None,
             self.num_batches_tracked if update else None, momentum,
-            cumulative)
+            cumulative, out)
         self._saved = (x, save_mean, save_invstd, batch_stats)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, *, out=None):
         """Gradient of the last forward with respect to its input.
 
         Sets ``grad_weight`` (:math:`\\sum dy\\,\\hat x`) and ``grad_bias``
@@ -194,6 +200,9 @@ class _BatchNorm:
         dy : array
             Gradient of the last forward's output: same shape, dtype and
             device.
+        out : array, optional
+            Keyword only. Where to write ``dx``; must not overlap ``dy`` or
+            the forward's input.
 
         Returns
         -------
@@ -222,10 +231,11 @@ class _BatchNorm:
             raise RuntimeError("backward() called before any forward()")
         x, save_mean, save_invstd, batch_stats = self._saved
         dy = check_gradient(dy, x, self._backend)
+        out = check_output(out, dy, [dy, x], self._backend)
         wants_grads = self.weight is not None and not self.freeze
         dx, grad_weight, grad_bias = gradients(
             self._backend, dy, x, self.weight, save_mean, save_invstd,
-            batch_stats, self.dtype if wants_grads else None)
+            batch_stats, self.dtype if wants_grads else None, out)
         self.grad_weight = grad_weight
         self.grad_bias = grad_bias if self.bias is not None else None
         return dx

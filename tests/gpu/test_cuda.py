@@ -190,3 +190,22 @@ def test_empty_batch_and_resets_on_gpu():
     np.testing.assert_array_equal(bn.state_dict()["running_var"], 1)
     assert int(bn.state_dict()["num_batches_tracked"]) == 0
     np.testing.assert_array_equal(bn.state_dict()["weight"], 3)
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+def test_out_on_gpu(sliced, rng):
+    full = rng.normal(size=(2, 2, 4, 2, 4))
+    x = full[:, :, ::2, :, ::2] if sliced else full
+    d = cuda.to_device(full)
+    d = d[:, :, ::2, :, ::2] if sliced else d
+    out_full = cuda.to_device(np.zeros(full.shape))
+    out = out_full[:, :, ::2, :, ::2] if sliced else out_full
+    bn = nbn.BatchNorm3d(2, dtype="float64", device="cuda")
+    assert bn(d, out=out) is out
+    mean, var = ref.batch_stats(x)
+    expected = ref.forward(x, mean, var)
+    got = out_full.copy_to_host()
+    np.testing.assert_allclose(got[:, :, ::2, :, ::2] if sliced else got, expected,
+                               rtol=1e-10, atol=1e-10)
+    if sliced:  # the elements between the slices were left alone
+        np.testing.assert_array_equal(got[:, :, 1::2], 0)

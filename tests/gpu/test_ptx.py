@@ -65,12 +65,11 @@ def test_element_and_reduction_kernels(dtype):
 @pytest.mark.parametrize("optional", ["all", "none"])
 def test_per_channel_kernels(dtype, optional):
     from numba_bn import cuda as backend
-    x4 = arr(dtype, 4)
     for param in PARAM_DTYPES[dtype]:
         p = arr(param, 1) if optional == "all" else nt.none
         counter = arr(nt.int64, 1) if optional == "all" else nt.none
         compile_kernel(backend._finish_batch_stats,
-                       (x4, PARTIALS, PARTIALS, nt.int64, p, p, F64, p, p, counter,
+                       (arr(dtype, 1), PARTIALS, PARTIALS, nt.int64, p, p, F64, p, p, counter,
                         F64, nt.boolean, VEC, VEC, VEC, VEC))
         running = arr(param, 1)
         compile_kernel(backend._finish_running_stats,

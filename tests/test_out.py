@@ -1,0 +1,68 @@
+"""out= on the functional forms and the modules: same values, no new array."""
+import numpy as np
+import pytest
+
+import numba_bn as nbn
+
+from . import reference as ref
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced_3d"])
+def test_module_out_matches_and_is_returned(dtype, layout, rng):
+    if layout == "sliced_3d":
+        x = rng.normal(1, 2, (3, 2, 4, 4, 4)).astype(dtype)[:, :, ::2, ::2, ::2]
+        make = nbn.BatchNorm3d
+    else:
+        x = rng.normal(1, 2, (3, 4, 5, 6)).astype(dtype)
+        if layout == "channels_last":
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        make = nbn.BatchNorm2d
+    params = "float32" if dtype == np.float16 else dtype
+    plain, reusing = make(x.shape[1], dtype=params), make(x.shape[1], dtype=params)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    y_out, dx_out = np.full(x.shape, np.nan, dtype), np.full(x.shape, np.nan, dtype)
+    assert reusing(x, out=y_out) is y_out
+    assert reusing.backward(dy, out=dx_out) is dx_out
+    np.testing.assert_array_equal(y_out, plain(x))
+    np.testing.assert_array_equal(dx_out, plain.backward(dy))
+    np.testing.assert_array_equal(reusing.grad_weight, plain.grad_weight)
+    for key, value in plain.state_dict().items():
+        np.testing.assert_array_equal(reusing.state_dict()[key], value)
+
+
+def test_functional_out(rng):
+    x = rng.normal(size=(6, 3, 4))
+    rm, rv = np.zeros(3), np.ones(3)
+    out = np.empty_like(x)
+    assert nbn.batch_norm(x, rm, rv, training=True, out=out) is out
+    mean, var = ref.batch_stats(x)
+    np.testing.assert_allclose(out, ref.forward(x, mean, var), rtol=1e-12, atol=1e-12)
+    y_out = np.empty_like(x)
+    y, save_mean, save_invstd = nbn.batch_norm_forward_training(x, None, None, out=y_out)
+    assert y is y_out
+    dy = rng.normal(size=x.shape)
+    dx_out = np.empty_like(x)
+    dx, _, _ = nbn.batch_norm_backward(dy, x, None, save_mean, save_invstd, out=dx_out)
+    assert dx is dx_out
+    np.testing.assert_allclose(dx, ref.backward_batch_stats(dy, x)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_out_errors_change_nothing(rng):
+    bn = nbn.BatchNorm2d(3)
+    x = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    for out, error, words in [(np.empty((2, 3, 4, 5), np.float32), ValueError, "shape"),
+                              (np.empty((2, 3, 4, 4), np.float64), TypeError, "dtype"),
+                              (x, ValueError, "overlap"),
+                              ([0.0], TypeError, "numpy.ndarray")]:
+        with pytest.raises(error, match=words):
+            bn(x, out=out)
+        assert int(bn.num_batches_tracked) == 0
+    bn(x)
+    with pytest.raises(ValueError, match="overlap"):
+        bn.backward(np.ones_like(x), out=x)
+
+
+def test_empty_batch_with_out():
+    out = np.empty((0, 2), np.float32)
+    assert nbn.BatchNorm1d(2)(np.empty((0, 2), np.float32), out=out) is out
