@@ -1,6 +1,8 @@
 """Per-channel formulas shared by the CPU and the GPU kernels.
 
-Each function handles one channel ``c``. ``register_jitable`` makes one Python
+Each ``finish_*`` function handles the channels of a ``range``: the CPU
+passes all of them in one call (arguments are passed once, not per
+channel), a GPU thread passes its own. ``register_jitable`` makes one Python
 source compile into Numba's CPU kernels (``cpu.py``) and its CUDA kernels
 (``cuda.py``), so both devices derive statistics, running averages and
 gradient coefficients with the same float64 arithmetic. The element passes
@@ -80,11 +82,11 @@ def affine(c, mean, invstd, weight, bias, scale, offset):
 
 
 @register_jitable
-def finish_batch_stats(c, first, psum, psumsq, count, weight, bias, eps,
-                       running_mean, running_var, num_batches_tracked,
+def finish_batch_stats(channels, first, psum, psumsq, count, weight, bias,
+                       eps, running_mean, running_var, num_batches_tracked,
                        momentum, cumulative, save_mean, save_invstd,
                        scale, offset):
-    """Batch mean and biased variance of channel ``c``; update running stats.
+    """Batch mean and biased variance of each channel; update running stats.
 
     ``psum``/``psumsq`` hold partial sums of ``x - first[c]`` and its
     square.
@@ -93,44 +95,46 @@ def finish_batch_stats(c, first, psum, psumsq, count, weight, bias, eps,
     averaging factor is ``1 / (num_batches_tracked + 1)``, the count after
     this batch (PyTorch's ``momentum=None``).
     """
-    s1 = 0.0
-    s2 = 0.0
-    for p in range(psum.shape[0]):
-        s1 += psum[p, c]
-        s2 += psumsq[p, c]
-    shifted_mean = s1 / count
-    mean = channel_center(first, None, c) + shifted_mean
-    var = max((s2 - s1 * shifted_mean) / count, 0.0)
-    invstd = 1.0 / math.sqrt(var + eps)
-    save_mean[c] = mean
-    save_invstd[c] = invstd
-    affine(c, mean, invstd, weight, bias, scale, offset)
-    if running_mean is not None:
-        factor = momentum
-        if num_batches_tracked is not None:
-            if cumulative:
-                factor = 1.0 / (num_batches_tracked[0] + 1)
-        running_mean[c] = ((1.0 - factor) * np.float64(running_mean[c])
-                           + factor * mean)
-        running_var[c] = ((1.0 - factor) * np.float64(running_var[c])
-                          + factor * var * count / (count - 1))
+    factor = momentum
+    if num_batches_tracked is not None:
+        if cumulative:
+            factor = 1.0 / (num_batches_tracked[0] + 1)
+    for c in channels:
+        s1 = 0.0
+        s2 = 0.0
+        for p in range(psum.shape[0]):
+            s1 += psum[p, c]
+            s2 += psumsq[p, c]
+        shifted_mean = s1 / count
+        mean = channel_center(first, None, c) + shifted_mean
+        var = max((s2 - s1 * shifted_mean) / count, 0.0)
+        invstd = 1.0 / math.sqrt(var + eps)
+        save_mean[c] = mean
+        save_invstd[c] = invstd
+        affine(c, mean, invstd, weight, bias, scale, offset)
+        if running_mean is not None:
+            running_mean[c] = ((1.0 - factor) * np.float64(running_mean[c])
+                               + factor * mean)
+            running_var[c] = ((1.0 - factor) * np.float64(running_var[c])
+                              + factor * var * count / (count - 1))
 
 
 @register_jitable
-def finish_running_stats(c, running_mean, running_var, weight, bias, eps,
-                         save_mean, save_invstd, scale, offset):
-    """Normalization coefficients of channel ``c`` from the running statistics."""
-    mean = np.float64(running_mean[c])
-    invstd = 1.0 / math.sqrt(np.float64(running_var[c]) + eps)
-    save_mean[c] = mean
-    save_invstd[c] = invstd
-    affine(c, mean, invstd, weight, bias, scale, offset)
+def finish_running_stats(channels, running_mean, running_var, weight, bias,
+                         eps, save_mean, save_invstd, scale, offset):
+    """Normalization coefficients of each channel from the running statistics."""
+    for c in channels:
+        mean = np.float64(running_mean[c])
+        invstd = 1.0 / math.sqrt(np.float64(running_var[c]) + eps)
+        save_mean[c] = mean
+        save_invstd[c] = invstd
+        affine(c, mean, invstd, weight, bias, scale, offset)
 
 
 @register_jitable
-def finish_backward(c, psum_dy, psum_dy_xmu, count, save_invstd, weight,
+def finish_backward(channels, psum_dy, psum_dy_xmu, count, save_invstd, weight,
                     batch_stats, grad_weight, grad_bias, scale, offset, gain):
-    """Parameter gradients and the coefficients of ``dx`` for channel ``c``.
+    """Parameter gradients and the coefficients of ``dx``, per channel.
 
     ``dx = (x - mean) * scale + offset + gain * dy`` with ``gain = w * invstd``.
     With batch statistics the gradient also flows through the mean and the
@@ -138,23 +142,24 @@ def finish_backward(c, psum_dy, psum_dy_xmu, count, save_invstd, weight,
     ``scale = -gain * invstd**2 * sum(dy * (x - mean)) / n``; with running
     (constant) statistics both are 0.
     """
-    sum_dy = 0.0
-    sum_dy_xmu = 0.0
-    for p in range(psum_dy.shape[0]):
-        sum_dy += psum_dy[p, c]
-        sum_dy_xmu += psum_dy_xmu[p, c]
-    invstd = np.float64(save_invstd[c])
-    if grad_weight is not None:
-        grad_weight[c] = sum_dy_xmu * invstd
-    if grad_bias is not None:
-        grad_bias[c] = sum_dy
-    g = invstd
-    if weight is not None:
-        g = invstd * np.float64(weight[c])
-    gain[c] = g
-    if batch_stats:
-        scale[c] = -g * invstd * invstd * sum_dy_xmu / count
-        offset[c] = -g * sum_dy / count
-    else:
-        scale[c] = 0.0
-        offset[c] = 0.0
+    for c in channels:
+        sum_dy = 0.0
+        sum_dy_xmu = 0.0
+        for p in range(psum_dy.shape[0]):
+            sum_dy += psum_dy[p, c]
+            sum_dy_xmu += psum_dy_xmu[p, c]
+        invstd = np.float64(save_invstd[c])
+        if grad_weight is not None:
+            grad_weight[c] = sum_dy_xmu * invstd
+        if grad_bias is not None:
+            grad_bias[c] = sum_dy
+        g = invstd
+        if weight is not None:
+            g = invstd * np.float64(weight[c])
+        gain[c] = g
+        if batch_stats:
+            scale[c] = -g * invstd * invstd * sum_dy_xmu / count
+            offset[c] = -g * sum_dy / count
+        else:
+            scale[c] = 0.0
+            offset[c] = 0.0

@@ -35,7 +35,7 @@ from numba import njit, prange
 
 from . import _channel
 from ._layout import (canonical_geometry, inverse, is_channels_last,
-                      output_order, split_position)
+                      next_position, output_order, split_position)
 
 DEVICE = "cpu"
 
@@ -107,12 +107,14 @@ def _channel_partials_rows(xp, dyp, center, psum, psumprod):
             k[c] = _channel.channel_center(xp[0, 0, 0], center, c)
         s1 = np.zeros(n_channels)
         s2 = np.zeros(n_channels)
-        for j in range(p * per_chunk, min(positions, (p + 1) * per_chunk)):
-            n, r, s = split_position(j, rows, cols)
+        start = p * per_chunk
+        n, r, s = split_position(start, rows, cols)
+        for _ in range(start, min(positions, start + per_chunk)):
             for c in range(n_channels):
                 u, uv = _channel.partial_terms(xp, dyp, (n, r, s, c), k[c])
                 s1[c] += u
                 s2[c] += uv
+            n, r, s = next_position(n, r, s, rows, cols)
         psum[p, :] = s1
         psumprod[p, :] = s2
 
@@ -124,11 +126,13 @@ def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, outp, chunks):
     positions = n_samples * rows * cols
     per_chunk = -(-positions // chunks)
     for p in prange(chunks):
-        for j in range(p * per_chunk, min(positions, (p + 1) * per_chunk)):
-            n, r, s = split_position(j, rows, cols)
+        start = p * per_chunk
+        n, r, s = split_position(start, rows, cols)
+        for _ in range(start, min(positions, start + per_chunk)):
             for c in range(n_channels):
                 outp[n, r, s, c] = _channel.affine_element(
                     xp, dyp, (n, r, s, c), c, mean, scale, offset, gain)
+            n, r, s = next_position(n, r, s, rows, cols)
 
 
 @njit(cache=True)
@@ -136,29 +140,26 @@ def _finish_batch_stats(first, psum, psumsq, count, weight, bias, eps,
                         running_mean, running_var, num_batches_tracked,
                         momentum, cumulative, save_mean, save_invstd,
                         scale, offset):
-    for c in range(psum.shape[1]):
-        _channel.finish_batch_stats(
-            c, first, psum, psumsq, count, weight, bias, eps, running_mean,
-            running_var, num_batches_tracked, momentum, cumulative,
-            save_mean, save_invstd, scale, offset)
+    _channel.finish_batch_stats(
+        range(psum.shape[1]), first, psum, psumsq, count, weight, bias, eps,
+        running_mean, running_var, num_batches_tracked, momentum, cumulative,
+        save_mean, save_invstd, scale, offset)
 
 
 @njit(cache=True)
 def _finish_running_stats(running_mean, running_var, weight, bias, eps,
                           save_mean, save_invstd, scale, offset):
-    for c in range(running_mean.shape[0]):
-        _channel.finish_running_stats(c, running_mean, running_var, weight,
-                                      bias, eps, save_mean, save_invstd,
-                                      scale, offset)
+    _channel.finish_running_stats(
+        range(running_mean.shape[0]), running_mean, running_var, weight, bias,
+        eps, save_mean, save_invstd, scale, offset)
 
 
 @njit(cache=True)
 def _finish_backward(psum_dy, psum_dy_xmu, count, save_invstd, weight,
                      batch_stats, grad_weight, grad_bias, scale, offset, gain):
-    for c in range(psum_dy.shape[1]):
-        _channel.finish_backward(c, psum_dy, psum_dy_xmu, count, save_invstd,
-                                 weight, batch_stats, grad_weight, grad_bias,
-                                 scale, offset, gain)
+    _channel.finish_backward(
+        range(psum_dy.shape[1]), psum_dy, psum_dy_xmu, count, save_invstd,
+        weight, batch_stats, grad_weight, grad_bias, scale, offset, gain)
 
 
 # --------------------------------------------------------------------------

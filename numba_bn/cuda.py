@@ -133,9 +133,9 @@ def _finish_batch_stats(first, psum, psumsq, count, weight, bias, eps,
     c = cuda.grid(1)
     if c < psum.shape[1]:
         _channel.finish_batch_stats(
-            c, first, psum, psumsq, count, weight, bias, eps, running_mean,
-            running_var, num_batches_tracked, momentum, cumulative,
-            save_mean, save_invstd, scale, offset)
+            range(c, c + 1), first, psum, psumsq, count, weight, bias, eps,
+            running_mean, running_var, num_batches_tracked, momentum,
+            cumulative, save_mean, save_invstd, scale, offset)
 
 
 @cuda.jit(cache=True)
@@ -143,9 +143,9 @@ def _finish_running_stats(running_mean, running_var, weight, bias, eps,
                           save_mean, save_invstd, scale, offset):
     c = cuda.grid(1)
     if c < running_mean.shape[0]:
-        _channel.finish_running_stats(c, running_mean, running_var, weight,
-                                      bias, eps, save_mean, save_invstd,
-                                      scale, offset)
+        _channel.finish_running_stats(
+            range(c, c + 1), running_mean, running_var, weight, bias, eps,
+            save_mean, save_invstd, scale, offset)
 
 
 @cuda.jit(cache=True)
@@ -153,9 +153,9 @@ def _finish_backward(psum_dy, psum_dy_xmu, count, save_invstd, weight,
                      batch_stats, grad_weight, grad_bias, scale, offset, gain):
     c = cuda.grid(1)
     if c < psum_dy.shape[1]:
-        _channel.finish_backward(c, psum_dy, psum_dy_xmu, count, save_invstd,
-                                 weight, batch_stats, grad_weight, grad_bias,
-                                 scale, offset, gain)
+        _channel.finish_backward(
+            range(c, c + 1), psum_dy, psum_dy_xmu, count, save_invstd, weight,
+            batch_stats, grad_weight, grad_bias, scale, offset, gain)
 
 
 @cuda.jit(cache=True)

@@ -1,0 +1,309 @@
+"""``python -m numba_bn.bench``: numba_bn against PyTorch and NumPy, side by side.
+
+In one process, for training forward, eval forward and backward over the
+shapes, dtypes and layouts below, it checks every result against PyTorch's
+(when torch is importable) and then times the contenders interleaved
+(A B C A B C ...), reporting medians: the time, the ratio to PyTorch, the
+share of the memory-bandwidth floor (the tensor-sized passes an operation
+must make, at the copy bandwidth measured in the same run) and page faults
+per call (allocations over glibc's 32 MiB mmap threshold fault on every call;
+``--out`` reuses output arrays). ``--quick`` is a short run for CI.
+
+The speed targets are those of the project's issue tracker; the command
+reports them and exits non-zero only when a result is wrong.
+"""
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+import numba_bn as nbn
+
+SHAPES = [(32, 64, 56, 56), (256, 64, 14, 14), (32, 512, 7, 7),
+          (8, 16, 32, 32), (1024, 256)]
+QUICK_SHAPES = [(8, 16, 32, 32), (1024, 256)]
+SMALL_CALL_SHAPES = [(8, 16, 32, 32), (1024, 256)]
+OPERATIONS = ("train", "eval", "backward")
+# Tensor-sized memory passes each operation needs at the least: training
+# forward reads x twice and writes y; eval reads x and writes y; backward
+# reads x and dy twice and writes dx.
+PASSES = {"train": 3, "eval": 2, "backward": 5}
+TARGET_RATIO = {("train", "nchw"): 0.5, ("train", "channels_last"): 0.9,
+                ("eval", "nchw"): 0.9, ("eval", "channels_last"): 0.9,
+                ("backward", "nchw"): 0.8, ("backward", "channels_last"): 0.8}
+TARGET_FLOOR_SHARE = 0.85   # for tensors over FLOOR_MIN_BYTES
+FLOOR_MIN_BYTES = 8e6
+EPS = 1e-5
+
+
+@njit(parallel=True, cache=True)
+def _copy(src, dst):
+    for i in prange(src.shape[0]):
+        dst[i] = src[i]
+
+
+def copy_bandwidth(nbytes, repeats=7):
+    """Bytes per second of a parallel copy (read + write) of ``nbytes``."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    _copy(src, dst)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _copy(src, dst)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / float(np.median(times))
+
+
+def layout_input(shape, dtype, layout, rng):
+    """Standard-normal input; channels-last is ``nhwc.transpose(0, 3, 1, 2)``."""
+    if layout == "channels_last":
+        n, c, h, w = shape
+        nhwc = rng.standard_normal((n, h, w, c), dtype=np.float64).astype(dtype)
+        return nhwc.transpose(0, 3, 1, 2)
+    return rng.standard_normal(shape, dtype=np.float64).astype(dtype)
+
+
+class Case:
+    """One operation on one input, with a callable per contender."""
+
+    def __init__(self, op, shape, dtype, layout, use_out, torch):
+        rng = np.random.default_rng(0)
+        c = shape[1]
+        self.op, self.shape, self.dtype, self.layout = op, shape, dtype, layout
+        self.nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        x = layout_input(shape, dtype, layout, rng)
+        dy = layout_input(shape, dtype, layout, rng)
+        w = rng.uniform(0.5, 1.5, c).astype(dtype)
+        b = rng.normal(0, 0.1, c).astype(dtype)
+        rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+        out = np.empty_like(x) if use_out else None
+        _, save_mean, save_invstd = nbn.batch_norm_forward_training(x, w, b, EPS)
+        self.contenders = {}
+        if op == "backward":
+            self.contenders["numba_bn"] = lambda: nbn.batch_norm_backward(
+                dy, x, w, save_mean, save_invstd, out=out)[0]
+            self.contenders["numpy"] = lambda: numpy_backward(dy, x, w)
+        else:
+            training = op == "train"
+            self.contenders["numba_bn"] = lambda: nbn.batch_norm(
+                x, rm, rv, w, b, training=training, eps=EPS, out=out)
+            self.contenders["numpy"] = lambda: numpy_forward(
+                x, rm, rv, w, b, training)
+        if torch is not None:
+            self.contenders["torch"] = torch_contender(
+                torch, op, x, dy, w, b, rm.copy(), rv.copy(), layout)
+
+    def check(self):
+        """Compare numba_bn's result with PyTorch's (or NumPy's); return the error."""
+        reference = self.contenders.get("torch", self.contenders["numpy"])()
+        ours = np.asarray(self.contenders["numba_bn"](), np.float64)
+        reference = np.asarray(reference, np.float64)
+        return float(np.abs(ours - reference).max()
+                     / max(np.abs(reference).max(), 1e-30))
+
+
+def numpy_forward(x, rm, rv, w, b, training):
+    """Plain NumPy batch norm, the way one writes it without a library."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if training:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+    else:
+        mean, var = rm, rv
+    return ((x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + EPS)
+            * w.reshape(shape) + b.reshape(shape))
+
+
+def numpy_backward(dy, x, w):
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    invstd = (1 / np.sqrt(var + EPS)).reshape(shape)
+    xhat = (x - mean.reshape(shape)) * invstd
+    g = dy * w.reshape(shape)
+    return invstd * (g - g.mean(axis=axes, keepdims=True)
+                     - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+
+
+def torch_contender(torch, op, x, dy, w, b, rm, rv, layout):
+    """PyTorch's CPU kernels on the same data and memory format."""
+    fmt = (torch.channels_last if layout == "channels_last" and x.ndim == 4
+           else torch.contiguous_format)
+    xt = torch.from_numpy(np.ascontiguousarray(x)).contiguous(memory_format=fmt)
+    dyt = torch.from_numpy(np.ascontiguousarray(dy)).contiguous(memory_format=fmt)
+    wt, bt = torch.from_numpy(w), torch.from_numpy(b)
+    rmt, rvt = torch.from_numpy(rm), torch.from_numpy(rv)
+    if op == "backward":
+        _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            xt, wt, bt, None, None, True, 0.1, EPS)
+
+        def run():
+            return torch.ops.aten.native_batch_norm_backward(
+                dyt, xt, wt, None, None, save_mean, save_invstd, True, EPS,
+                [True, True, True])[0].numpy()
+        return run
+
+    def run():
+        with torch.no_grad():
+            return torch.nn.functional.batch_norm(
+                xt, rmt, rvt, wt, bt, training=op == "train", eps=EPS).numpy()
+    return run
+
+
+def time_interleaved(contenders, rounds, min_sample=2e-3):
+    """Median seconds per call of each contender, timed A B C A B C ...
+
+    Each sample repeats a call enough times to last ``min_sample`` seconds
+    (the same count for every contender). Also returns numba_bn's minor page
+    faults per call.
+    """
+    start = time.perf_counter()
+    contenders["numba_bn"]()
+    single = time.perf_counter() - start
+    inner = max(1, int(min_sample / max(single, 1e-9)))
+    samples = {name: [] for name in contenders}
+    faults = calls = 0
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[name].append((time.perf_counter() - start) / inner)
+            if name == "numba_bn":
+                faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+                calls += inner
+    return ({name: float(np.median(s)) for name, s in samples.items()},
+            faults / calls)
+
+
+def small_calls(torch, rounds):
+    """Module call (validation, dispatch, launch) against PyTorch's module."""
+    results = []
+    for shape in SMALL_CALL_SHAPES:
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        ours = (nbn.BatchNorm2d if len(shape) == 4 else nbn.BatchNorm1d)(shape[1])
+        contenders = {"numba_bn": lambda: ours(x)}
+        if torch is not None:
+            theirs = (torch.nn.BatchNorm2d if len(shape) == 4
+                      else torch.nn.BatchNorm1d)(shape[1])
+            xt = torch.from_numpy(x)
+
+            def run_torch():
+                with torch.no_grad():
+                    return theirs(xt)
+            contenders["torch"] = run_torch
+        times, _ = time_interleaved(contenders, rounds)
+        results.append({"shape": list(shape), **{k: v for k, v in times.items()}})
+    return results
+
+
+def fmt_ms(seconds):
+    return "-" if seconds is None else f"{seconds * 1e3:8.3f}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m numba_bn.bench",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="two small shapes, float32, few rounds (for CI)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds per case (default 15, quick 3)")
+    parser.add_argument("--out", action="store_true",
+                        help="numba_bn writes into preallocated out= arrays")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="leave PyTorch out even when it is installed")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the results as JSON (for docs/plots)")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 15)
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(numba.get_num_threads())
+        except ImportError:
+            torch = None
+
+    bandwidth = copy_bandwidth(64 << 20 if args.quick else 256 << 20)
+    print(f"numba_bn {nbn.__version__}, numba {numba.__version__}, numpy "
+          f"{np.__version__}" + (f", torch {torch.__version__}" if torch else
+                                 ", torch not installed")
+          + f"; {numba.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"copy bandwidth (parallel read + write): {bandwidth / 1e9:.1f} GB/s")
+    header = (f"{'op':9}{'shape':19}{'dtype':8}{'layout':14}{'numba_bn':>9}"
+              f"{'torch':>9}{'numpy':>9}{'ratio':>7}{'floor':>7}{'faults':>8}"
+              f"  target")
+    print(header)
+    print("-" * len(header))
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    dtypes = [np.float32] if args.quick else [np.float32, np.float64]
+    results, wrong, missed = [], [], []
+    for shape in shapes:
+        layouts = ["nchw", "channels_last"] if len(shape) == 4 else ["nchw"]
+        for dtype in dtypes:
+            for layout in layouts:
+                for op in OPERATIONS:
+                    case = Case(op, shape, dtype, layout, args.out, torch)
+                    error = case.check()
+                    tolerance = 1e-4 if dtype == np.float32 else 1e-9
+                    times, faults = time_interleaved(case.contenders, rounds)
+                    ours, theirs = times["numba_bn"], times.get("torch")
+                    ratio = ours / theirs if theirs else None
+                    floor = PASSES[op] * case.nbytes / bandwidth / ours
+                    target = TARGET_RATIO[(op, layout)]
+                    verdict = []
+                    if ratio is not None:
+                        verdict.append(f"<={target:.1f}x " + ("ok" if ratio <= target else "MISS"))
+                    if case.nbytes > FLOOR_MIN_BYTES:
+                        verdict.append(f"floor>={TARGET_FLOOR_SHARE:.0%} "
+                                       + ("ok" if floor >= TARGET_FLOOR_SHARE else "MISS"))
+                    if error > tolerance:
+                        verdict.append(f"WRONG (error {error:.1e})")
+                        wrong.append(case)
+                    if any("MISS" in v for v in verdict):
+                        missed.append(f"{op} {shape} {np.dtype(dtype).name} {layout}")
+                    print(f"{op:9}{str(shape).replace(' ', ''):19}{np.dtype(dtype).name:8}"
+                          f"{layout:14}{fmt_ms(ours):>9}{fmt_ms(theirs):>9}"
+                          f"{fmt_ms(times['numpy']):>9}"
+                          f"{'-' if ratio is None else f'{ratio:.2f}':>7}"
+                          f"{floor:7.0%}{faults:8.1f}  {', '.join(verdict)}")
+                    results.append({"op": op, "shape": list(shape),
+                                    "dtype": np.dtype(dtype).name, "layout": layout,
+                                    "seconds": times, "ratio_to_torch": ratio,
+                                    "floor_share": floor, "faults_per_call": faults,
+                                    "max_rel_error_vs_reference": error})
+    calls = small_calls(torch, rounds)
+    print("\nmodule call (validation, dispatch, launch), float32, training mode:")
+    for entry in calls:
+        theirs = entry.get("torch")
+        ratio = "" if theirs is None else f", ratio {entry['numba_bn'] / theirs:.2f}"
+        print(f"  {tuple(entry['shape'])}: numba_bn {entry['numba_bn'] * 1e6:.1f} us"
+              + ("" if theirs is None else f", torch {theirs * 1e6:.1f} us") + ratio)
+    print(f"\n{len(results) - len(missed)} of {len(results)} cases meet their targets"
+          + (f"; missed: {'; '.join(missed)}" if missed else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bandwidth_bytes_per_s": bandwidth,
+                       "threads": numba.get_num_threads(),
+                       "versions": {"numba_bn": nbn.__version__, "numba": numba.__version__,
+                                    "numpy": np.__version__,
+                                    "torch": getattr(torch, "__version__", None)},
+                       "machine": platform.processor() or platform.machine(),
+                       "date": time.strftime("%Y-%m-%d"),
+                       "cases": results, "module_calls": calls}, f, indent=1)
+    if wrong:
+        print(f"{len(wrong)} results differ from the reference", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
