@@ -32,6 +32,8 @@ import types
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.core import types as nb_types
+from numba.extending import overload
 
 from . import _channel
 from ._layout import (canonical_geometry, inverse, is_channels_last,
@@ -53,6 +55,22 @@ _ROWS_CHUNK_ELEMENTS = 32768
 # --------------------------------------------------------------------------
 # kernels
 
+def _row(a4, i, j, k):
+    """``a4[i, j, k]``, a 1-d row; None stays None.
+
+    The inner loops index 1-d rows, which LLVM vectorizes (4-d index tuples
+    defeat it). An overload, because Numba prunes ``a4 is None`` only where
+    ``a4`` is None, and one function cannot return a row or None.
+    """
+
+
+@overload(_row)
+def _row_typed(a4, i, j, k):
+    if isinstance(a4, nb_types.NoneType):
+        return lambda a4, i, j, k: None
+    return lambda a4, i, j, k: a4[i, j, k]
+
+
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
 def _channel_partials(x4, dy4, center, psum, psumprod):
     """``psum[n, c] = sum(u)``, ``psumprod[n, c] = sum(u * (x - k))``.
@@ -68,8 +86,10 @@ def _channel_partials(x4, dy4, center, psum, psumprod):
         s1 = 0.0
         s2 = 0.0
         for r in range(rows):
+            x_row = x4[n, c, r]
+            dy_row = _row(dy4, n, c, r)
             for s in range(cols):
-                u, uv = _channel.partial_terms(x4, dy4, (n, c, r, s), k)
+                u, uv = _channel.partial_terms(x_row, dy_row, s, k)
                 s1 += u
                 s2 += uv
         psum[n, c] = s1
@@ -84,9 +104,12 @@ def _affine_pass(x4, mean, scale, offset, dy4, gain, out4):
         n = plane // n_channels
         c = plane - n * n_channels
         for r in range(rows):
+            x_row = x4[n, c, r]
+            dy_row = _row(dy4, n, c, r)
+            out_row = out4[n, c, r]
             for s in range(cols):
-                out4[n, c, r, s] = _channel.affine_element(
-                    x4, dy4, (n, c, r, s), c, mean, scale, offset, gain)
+                out_row[s] = _channel.affine_element(
+                    x_row, dy_row, s, c, mean, scale, offset, gain)
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
@@ -110,8 +133,10 @@ def _channel_partials_rows(xp, dyp, center, psum, psumprod):
         start = p * per_chunk
         n, r, s = split_position(start, rows, cols)
         for _ in range(start, min(positions, start + per_chunk)):
+            x_row = xp[n, r, s]
+            dy_row = _row(dyp, n, r, s)
             for c in range(n_channels):
-                u, uv = _channel.partial_terms(xp, dyp, (n, r, s, c), k[c])
+                u, uv = _channel.partial_terms(x_row, dy_row, c, k[c])
                 s1[c] += u
                 s2[c] += uv
             n, r, s = next_position(n, r, s, rows, cols)
@@ -129,9 +154,12 @@ def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, outp, chunks):
         start = p * per_chunk
         n, r, s = split_position(start, rows, cols)
         for _ in range(start, min(positions, start + per_chunk)):
+            x_row = xp[n, r, s]
+            dy_row = _row(dyp, n, r, s)
+            out_row = outp[n, r, s]
             for c in range(n_channels):
-                outp[n, r, s, c] = _channel.affine_element(
-                    xp, dyp, (n, r, s, c), c, mean, scale, offset, gain)
+                out_row[c] = _channel.affine_element(
+                    x_row, dy_row, c, c, mean, scale, offset, gain)
             n, r, s = next_position(n, r, s, rows, cols)
 
 
