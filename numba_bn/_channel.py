@@ -25,45 +25,31 @@ from numba.extending import register_jitable
 
 
 @register_jitable
-def channel_center(first, center, c):
-    """The value subtracted from every element of channel ``c`` before summing.
-
-    With ``center`` given (the mean, in the backward pass) it is
-    ``center[c]``; without, it is ``first[c]``, the channel's first element
-    (``first`` is the view ``x[0, :, 0, 0]``). Summing
-    ``x - shift`` and ``(x - shift)**2`` with a shift taken from the data
-    keeps the float64 sums free of cancellation when ``|mean| >> std`` (the
-    naive ``E[x**2] - E[x]**2`` loses every digit on mean 1e4, std 1).
-    """
-    if center is None:
-        return np.float64(first[c])
-    return np.float64(center[c])
-
-
-@register_jitable
-def partial_terms(x, dy, at, k):
+def partial_terms(x, dy, at, k, moments):
     """The two summands of element ``x[at]``: ``u`` and ``u * (x - k)``.
 
-    ``u = dy[at]``, or ``x - k`` when ``dy`` is None (shifted first and
-    second moments in the forward pass, gradient sums in the backward pass).
-    ``at`` is an index tuple, in whatever axis order the caller's views use.
+    ``u = x - k`` with ``moments`` (shifted first and second moments, the
+    forward pass: ``k`` is a sample of the channel, so the float64 sums do
+    not cancel when ``|mean| >> std``, unlike ``E[x**2] - E[x]**2``), else
+    ``u = dy[at]`` (gradient sums, the backward pass: ``k`` is the mean).
+    ``at`` is an index, in whatever axis order the caller's views use.
+    A flag rather than ``dy=None``: forward and backward then share one
+    compiled kernel, which halves the compilation of a cold start.
     """
     v = np.float64(x[at]) - k
-    if dy is None:
-        return v, v * v
-    u = np.float64(dy[at])
+    u = v if moments else np.float64(dy[at])
     return u, u * v
 
 
 @register_jitable
-def affine_element(x, dy, at, c, mean, scale, offset, gain):
-    """``(x[at] - mean) * scale + offset``, plus ``gain * dy[at]`` with ``dy``.
+def affine_element(x, dy, at, c, mean, scale, offset, gain, with_dy):
+    """``(x[at] - mean) * scale + offset``, plus ``gain * dy[at]`` ``with_dy``.
 
     float64 arithmetic: ``x - mean`` must not round the mean to the input's
     precision (mean 1e4 in float32 is off by up to 5e-4).
     """
     v = (np.float64(x[at]) - mean[c]) * scale[c] + offset[c]
-    if dy is not None:
+    if with_dy:
         v += gain[c] * np.float64(dy[at])
     return v
 
@@ -82,13 +68,13 @@ def affine(c, mean, invstd, weight, bias, scale, offset):
 
 
 @register_jitable
-def finish_batch_stats(channels, first, psum, psumsq, count, weight, bias,
+def finish_batch_stats(channels, shift, psum, psumsq, count, weight, bias,
                        eps, running_mean, running_var, num_batches_tracked,
                        momentum, cumulative, save_mean, save_invstd,
                        scale, offset):
     """Batch mean and biased variance of each channel; update running stats.
 
-    ``psum``/``psumsq`` hold partial sums of ``x - first[c]`` and its
+    ``psum``/``psumsq`` hold partial sums of ``x - shift[c]`` and its
     square.
     The running variance takes the unbiased estimate ``var * n / (n - 1)``
     (``count >= 2`` is checked before dispatch). With ``cumulative`` the
@@ -106,7 +92,7 @@ def finish_batch_stats(channels, first, psum, psumsq, count, weight, bias,
             s1 += psum[p, c]
             s2 += psumsq[p, c]
         shifted_mean = s1 / count
-        mean = channel_center(first, None, c) + shifted_mean
+        mean = np.float64(shift[c]) + shifted_mean
         var = max((s2 - s1 * shifted_mean) / count, 0.0)
         invstd = 1.0 / math.sqrt(var + eps)
         save_mean[c] = mean

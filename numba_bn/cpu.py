@@ -9,12 +9,17 @@ Every pass is one of two parallel kernels:
 - ``_channel_partials``: per ``(n, c)`` plane, float64 sums of ``u`` and
   ``u * (x - center)`` (shifted moments forward, gradient sums backward);
 - ``_affine_pass``: ``out = (x - mean) * scale + offset [+ gain * dy]``, the
-  normalization forward and the input gradient backward.
+  normalization forward and the input gradient backward;
+
+each with a ``_rows`` twin that walks positions with the channel innermost
+(channels-last and ``(N, C)`` inputs). Forward and backward call the same
+compiled kernel with a flag, so a cold start compiles each once.
 
 Per-channel work in between (``_channel.py``) is C-sized and runs serially:
 a parallel region costs more than it saves there.
 
-Parallel kernels launch one at a time (Numba's workqueue threading layer
+Inputs under 4096 elements run the serial twins of the kernels. Parallel
+kernels launch one at a time (Numba's workqueue threading layer
 aborts on concurrent launches from several Python threads; the other layers
 gain nothing from them, each launch already uses every core). A process
 forked after its parent ran an OpenMP-parallel kernel cannot run one itself
@@ -32,8 +37,6 @@ import types
 import numba
 import numpy as np
 from numba import njit, prange
-from numba.core import types as nb_types
-from numba.extending import overload
 
 from . import _channel
 from ._layout import (canonical_geometry, inverse, is_channels_last,
@@ -55,41 +58,25 @@ _ROWS_CHUNK_ELEMENTS = 32768
 # --------------------------------------------------------------------------
 # kernels
 
-def _row(a4, i, j, k):
-    """``a4[i, j, k]``, a 1-d row; None stays None.
-
-    The inner loops index 1-d rows, which LLVM vectorizes (4-d index tuples
-    defeat it). An overload, because Numba prunes ``a4 is None`` only where
-    ``a4`` is None, and one function cannot return a row or None.
-    """
-
-
-@overload(_row)
-def _row_typed(a4, i, j, k):
-    if isinstance(a4, nb_types.NoneType):
-        return lambda a4, i, j, k: None
-    return lambda a4, i, j, k: a4[i, j, k]
-
-
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
-def _channel_partials(x4, dy4, center, psum, psumprod):
-    """``psum[n, c] = sum(u)``, ``psumprod[n, c] = sum(u * (x - k))``.
+def _channel_partials(x4, dy4, center, moments, psum, psumprod):
+    """``psum[n, c] = sum(u)``, ``psumprod[n, c] = sum(u * (x - center[c]))``.
 
-    ``k = center[c]`` (or the channel's first element when ``center`` is
-    None); ``u = dy``, or ``x - k`` when ``dy4`` is None.
+    ``u = x - center[c]`` with ``moments``, else ``u = dy``. Inner loops run
+    over 1-d rows, which LLVM vectorizes (4-d index tuples defeat it).
     """
     n_samples, n_channels, rows, cols = x4.shape
     for plane in prange(n_samples * n_channels):
         n = plane // n_channels
         c = plane - n * n_channels
-        k = _channel.channel_center(x4[0, :, 0, 0], center, c)
+        k = np.float64(center[c])
         s1 = 0.0
         s2 = 0.0
         for r in range(rows):
             x_row = x4[n, c, r]
-            dy_row = _row(dy4, n, c, r)
+            dy_row = dy4[n, c, r]
             for s in range(cols):
-                u, uv = _channel.partial_terms(x_row, dy_row, s, k)
+                u, uv = _channel.partial_terms(x_row, dy_row, s, k, moments)
                 s1 += u
                 s2 += uv
         psum[n, c] = s1
@@ -97,23 +84,23 @@ def _channel_partials(x4, dy4, center, psum, psumprod):
 
 
 @njit(parallel=True, cache=True)
-def _affine_pass(x4, mean, scale, offset, dy4, gain, out4):
-    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` with ``dy4``."""
+def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4):
+    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``."""
     n_samples, n_channels, rows, cols = x4.shape
     for plane in prange(n_samples * n_channels):
         n = plane // n_channels
         c = plane - n * n_channels
         for r in range(rows):
             x_row = x4[n, c, r]
-            dy_row = _row(dy4, n, c, r)
+            dy_row = dy4[n, c, r]
             out_row = out4[n, c, r]
             for s in range(cols):
                 out_row[s] = _channel.affine_element(
-                    x_row, dy_row, s, c, mean, scale, offset, gain)
+                    x_row, dy_row, s, c, mean, scale, offset, gain, with_dy)
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
-def _channel_partials_rows(xp, dyp, center, psum, psumprod):
+def _channel_partials_rows(xp, dyp, center, moments, psum, psumprod):
     """Channel-innermost twin of ``_channel_partials``.
 
     Takes position-major views ``(N, R, S, C)``; partial row ``p`` sums the
@@ -127,16 +114,16 @@ def _channel_partials_rows(xp, dyp, center, psum, psumprod):
     for p in prange(chunks):
         k = np.empty(n_channels)
         for c in range(n_channels):
-            k[c] = _channel.channel_center(xp[0, 0, 0], center, c)
+            k[c] = center[c]
         s1 = np.zeros(n_channels)
         s2 = np.zeros(n_channels)
         start = p * per_chunk
         n, r, s = split_position(start, rows, cols)
         for _ in range(start, min(positions, start + per_chunk)):
             x_row = xp[n, r, s]
-            dy_row = _row(dyp, n, r, s)
+            dy_row = dyp[n, r, s]
             for c in range(n_channels):
-                u, uv = _channel.partial_terms(x_row, dy_row, c, k[c])
+                u, uv = _channel.partial_terms(x_row, dy_row, c, k[c], moments)
                 s1[c] += u
                 s2[c] += uv
             n, r, s = next_position(n, r, s, rows, cols)
@@ -145,7 +132,8 @@ def _channel_partials_rows(xp, dyp, center, psum, psumprod):
 
 
 @njit(parallel=True, cache=True)
-def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, outp, chunks):
+def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, with_dy, outp,
+                      chunks):
     """Channel-innermost twin of ``_affine_pass`` on position-major views."""
     n_samples, rows, cols, n_channels = xp.shape
     positions = n_samples * rows * cols
@@ -155,21 +143,21 @@ def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, outp, chunks):
         n, r, s = split_position(start, rows, cols)
         for _ in range(start, min(positions, start + per_chunk)):
             x_row = xp[n, r, s]
-            dy_row = _row(dyp, n, r, s)
+            dy_row = dyp[n, r, s]
             out_row = outp[n, r, s]
             for c in range(n_channels):
                 out_row[c] = _channel.affine_element(
-                    x_row, dy_row, c, c, mean, scale, offset, gain)
+                    x_row, dy_row, c, c, mean, scale, offset, gain, with_dy)
             n, r, s = next_position(n, r, s, rows, cols)
 
 
 @njit(cache=True)
-def _finish_batch_stats(first, psum, psumsq, count, weight, bias, eps,
+def _finish_batch_stats(shift, psum, psumsq, count, weight, bias, eps,
                         running_mean, running_var, num_batches_tracked,
                         momentum, cumulative, save_mean, save_invstd,
                         scale, offset):
     _channel.finish_batch_stats(
-        range(psum.shape[1]), first, psum, psumsq, count, weight, bias, eps,
+        range(psum.shape[1]), shift, psum, psumsq, count, weight, bias, eps,
         running_mean, running_var, num_batches_tracked, momentum, cumulative,
         save_mean, save_invstd, scale, offset)
 
@@ -231,17 +219,25 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _launch(kernel, *args):
-    if _parallel_unsafe:
+# Below this many elements a pass is faster serial than parallel (waking the
+# thread pool costs ~2 us, measured on 2 cores), and a process that only
+# normalizes small arrays never starts the pool (0.3-0.4 s of cold start).
+_SERIAL_BELOW = 4096
+
+
+def _launch(kernel, x4, *args):
+    """Run ``kernel(x4, *args)``: serially for small ``x4`` or in a forked
+    child of an OpenMP parent, else in parallel, one launch at a time."""
+    if _parallel_unsafe or x4.size < _SERIAL_BELOW:
         kernel = _SERIAL_TWINS[kernel]
     with _launch_lock:
-        kernel(*args)
+        kernel(x4, *args)
 
 
 def _position_major(a4):
     """``(N, R, S, C)`` view: C-contiguous (so Numba knows the unit stride)
     for dense channels-last data."""
-    return None if a4 is None else a4.transpose(0, 2, 3, 1)
+    return a4.transpose(0, 2, 3, 1)
 
 
 def _row_chunks(x4):
@@ -252,7 +248,7 @@ def _row_chunks(x4):
                       -(-positions * n_channels // _ROWS_CHUNK_ELEMENTS)))
 
 
-def _partials(x4, dy4, center):
+def _partials(x4, dy4, center, moments):
     """Partial sums of every channel as two ``(P, C)`` float64 arrays.
 
     Per plane (P = N) when a channel's values are contiguous, per chunk of
@@ -265,20 +261,21 @@ def _partials(x4, dy4, center):
     psumprod = np.empty((parts, n_channels))
     if rows_layout:
         _launch(_channel_partials_rows, _position_major(x4),
-                _position_major(dy4), center, psum, psumprod)
+                _position_major(dy4), center, moments, psum, psumprod)
     else:
-        _launch(_channel_partials, x4, dy4, center, psum, psumprod)
+        _launch(_channel_partials, x4, dy4, center, moments, psum, psumprod)
     return psum, psumprod
 
 
-def _affine(x4, mean, scale, offset, dy4, gain, out4):
+def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4):
     """``out4 = (x4 - mean) * scale + offset [+ gain * dy4]``, layout-wise."""
     if is_channels_last(x4.shape, x4.strides):
         _launch(_affine_pass_rows, _position_major(x4), mean, scale, offset,
-                _position_major(dy4), gain, _position_major(out4),
+                _position_major(dy4), gain, with_dy, _position_major(out4),
                 _row_chunks(x4))
     else:
-        _launch(_affine_pass, x4, mean, scale, offset, dy4, gain, out4)
+        _launch(_affine_pass, x4, mean, scale, offset, dy4, gain, with_dy,
+                out4)
 
 
 # --------------------------------------------------------------------------
@@ -420,12 +417,15 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     """
     y, (x4, y4) = _views([_computable(x)], out)
     n_samples, n_channels, rows, cols = x4.shape
-    psum, psumsq = _partials(x4, None, None)
+    # Sums of x - shift with a sample of each channel as its shift; float64
+    # like the backward's mean, so both passes share one compiled kernel.
+    shift = x4[0, :, 0, 0].astype(np.float64)
+    psum, psumsq = _partials(x4, x4, shift, True)
     save_mean, save_invstd, scale, offset = np.empty((4, n_channels))
     rm, rv = _computable(running_mean), _computable(running_var)
     counter = (None if num_batches_tracked is None
                else num_batches_tracked.reshape(1))
-    _finish_batch_stats(x4[0, :, 0, 0], psum, psumsq, n_samples * rows * cols,
+    _finish_batch_stats(shift, psum, psumsq, n_samples * rows * cols,
                         _computable(weight), _computable(bias), eps, rm, rv,
                         counter, momentum, cumulative, save_mean, save_invstd,
                         scale, offset)
@@ -434,7 +434,7 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
         _write_back(running_var, rv)
     if counter is not None:
         counter += 1
-    _affine(x4, save_mean, scale, offset, None, None, y4)
+    _affine(x4, save_mean, scale, offset, x4, scale, False, y4)
     return _deliver(y, x.dtype, out), save_mean, save_invstd
 
 
@@ -454,7 +454,7 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
     _finish_running_stats(_computable(running_mean), _computable(running_var),
                           _computable(weight), _computable(bias), eps,
                           save_mean, save_invstd, scale, offset)
-    _affine(x4, save_mean, scale, offset, None, None, y4)
+    _affine(x4, save_mean, scale, offset, x4, scale, False, y4)
     return _deliver(y, x.dtype, out), save_mean, save_invstd
 
 
@@ -486,7 +486,7 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     n_samples, n_channels, rows, cols = x4.shape
     save_mean, save_invstd = _computable(save_mean), _computable(save_invstd)
     if batch_stats or grad_dtype is not None:
-        psum_dy, psum_dy_xmu = _partials(x4, dy4, save_mean)
+        psum_dy, psum_dy_xmu = _partials(x4, dy4, save_mean, False)
     else:
         # Constant statistics and no parameter gradient: dx = gain * dy.
         psum_dy = psum_dy_xmu = np.zeros((0, n_channels))
@@ -498,7 +498,7 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     _finish_backward(psum_dy, psum_dy_xmu, n_samples * rows * cols,
                      save_invstd, _computable(weight), batch_stats,
                      grad_weight, grad_bias, scale, offset, gain)
-    _affine(x4, save_mean, scale, offset, dy4, gain, dx4)
+    _affine(x4, save_mean, scale, offset, dy4, gain, True, dx4)
     if grad_dtype is not None:
         grad_weight = _to_dtype(grad_weight, grad_dtype)
         grad_bias = _to_dtype(grad_bias, grad_dtype)

@@ -86,12 +86,12 @@ def _element_index(j, n_channels, rows, cols, channels_last):
 
 
 @cuda.jit(cache=True)
-def _channel_partials(x4, dy4, center, psum, psumprod):
+def _channel_partials(x4, dy4, center, moments, psum, psumprod):
     """Per block ``b``: ``psum[b, c] = sum(u)``, ``psumprod[b, c] = sum(u * (x - k))``.
 
-    ``k = center[c]`` (or the channel's first element when ``center`` is
-    None); ``u = dy``, or ``x - k`` when ``dy4`` is None. Block ``(b, y)``
-    covers the ``b``-th stripe of channels ``y, y + gridDim.y, ...``.
+    ``k = center[c]``; ``u = x - k`` with ``moments``, else ``u = dy``.
+    Block ``(b, y)`` covers the ``b``-th stripe of channels
+    ``y, y + gridDim.y, ...``.
     """
     shared = cuda.shared.array(0, numba.float64)
     n_samples, n_channels, rows, cols = x4.shape
@@ -99,13 +99,13 @@ def _channel_partials(x4, dy4, center, psum, psumprod):
     block = cuda.blockIdx.x
     stride = cuda.gridDim.x * cuda.blockDim.x
     for c in range(cuda.blockIdx.y, n_channels, cuda.gridDim.y):
-        k = _channel.channel_center(x4[0, :, 0, 0], center, c)
+        k = np.float64(center[c])
         s1 = 0.0
         s2 = 0.0
         for j in range(block * cuda.blockDim.x + cuda.threadIdx.x, count,
                        stride):
             n, r, s = split_position(j, rows, cols)
-            u, uv = _channel.partial_terms(x4, dy4, (n, c, r, s), k)
+            u, uv = _channel.partial_terms(x4, dy4, (n, c, r, s), k, moments)
             s1 += u
             s2 += uv
         s1, s2 = _block_sum2(shared, s1, s2)
@@ -115,25 +115,26 @@ def _channel_partials(x4, dy4, center, psum, psumprod):
 
 
 @cuda.jit(cache=True)
-def _affine_pass(x4, mean, scale, offset, dy4, gain, out4, channels_last):
-    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` with ``dy4``."""
+def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4,
+                 channels_last):
+    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``."""
     n_samples, n_channels, rows, cols = x4.shape
     total = n_samples * n_channels * rows * cols
     for j in range(cuda.grid(1), total, cuda.gridsize(1)):
         n, c, r, s = _element_index(j, n_channels, rows, cols, channels_last)
         out4[n, c, r, s] = _channel.affine_element(
-            x4, dy4, (n, c, r, s), c, mean, scale, offset, gain)
+            x4, dy4, (n, c, r, s), c, mean, scale, offset, gain, with_dy)
 
 
 @cuda.jit(cache=True)
-def _finish_batch_stats(first, psum, psumsq, count, weight, bias, eps,
+def _finish_batch_stats(shift, psum, psumsq, count, weight, bias, eps,
                         running_mean, running_var, num_batches_tracked,
                         momentum, cumulative, save_mean, save_invstd,
                         scale, offset):
     c = cuda.grid(1)
     if c < psum.shape[1]:
         _channel.finish_batch_stats(
-            range(c, c + 1), first, psum, psumsq, count, weight, bias, eps,
+            range(c, c + 1), shift, psum, psumsq, count, weight, bias, eps,
             running_mean, running_var, num_batches_tracked, momentum,
             cumulative, save_mean, save_invstd, scale, offset)
 
@@ -251,8 +252,9 @@ def _copy(src, dst):
         src_d, dst_d = src[:, :, d], dst[:, :, d]
         shape4, (src4, dst4) = canonical_geometry(
             src_d.shape, [src_d.strides, dst_d.strides])
-        _launch_affine(_strided_view(src_d, shape4, src4), mean, scale,
-                       offset, None, None, _strided_view(dst_d, shape4, dst4))
+        src4 = _strided_view(src_d, shape4, src4)
+        _launch_affine(src4, mean, scale, offset, src4, scale, False,
+                       _strided_view(dst_d, shape4, dst4))
 
 
 def _views(inputs, out):
@@ -345,15 +347,15 @@ def copy_from_host(target, values):
         _kernel_view(target).copy_to_device(values, stream=_stream())
 
 
-def _launch_affine(x4, mean, scale, offset, dy4, gain, out4):
+def _launch_affine(x4, mean, scale, offset, dy4, gain, with_dy, out4):
     total = math.prod(x4.shape)
     tpb = config.threads_per_block
     blocks = max(1, min(-(-total // tpb), config.element_blocks))
     _launch(_affine_pass, blocks, tpb, x4, mean, scale, offset, dy4, gain,
-            out4, is_channels_last(out4.shape, out4.strides))
+            with_dy, out4, is_channels_last(out4.shape, out4.strides))
 
 
-def _launch_partials(x4, dy4, center):
+def _launch_partials(x4, dy4, center, moments):
     """Partial sums of every channel, as two ``(blocks, C)`` float64 arrays."""
     n_samples, n_channels, rows, cols = x4.shape
     tpb = config.threads_per_block
@@ -362,7 +364,7 @@ def _launch_partials(x4, dy4, center):
                         config.reduction_blocks // n_channels))
     psum, psumprod = _rows(_empty((2, blocks, n_channels), np.float64))
     _launch(_channel_partials, (blocks, min(n_channels, _MAX_GRID_Y)), tpb,
-            x4, dy4, center, psum, psumprod, shared_bytes=2 * tpb * 8)
+            x4, dy4, center, moments, psum, psumprod, shared_bytes=2 * tpb * 8)
     return psum, psumprod
 
 
@@ -383,18 +385,20 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     """
     y, (x4, y4) = _views([x], out)
     n_samples, n_channels, rows, cols = x4.shape
-    psum, psumsq = _launch_partials(x4, None, None)
+    # Sums of x - shift with a sample of each channel as its shift.
+    shift = x4[0, :, 0, 0]
+    psum, psumsq = _launch_partials(x4, x4, shift, True)
     save_mean, save_invstd, scale, offset = _rows(
         _empty((4, n_channels), np.float64))
     counter = (None if num_batches_tracked is None
                else _strided_view(num_batches_tracked, (1,), (8,)))
     _launch_per_channel(
-        _finish_batch_stats, n_channels, x4[0, :, 0, 0], psum, psumsq,
+        _finish_batch_stats, n_channels, shift, psum, psumsq,
         n_samples * rows * cols, weight, bias, eps, running_mean, running_var,
         counter, momentum, cumulative, save_mean, save_invstd, scale, offset)
     if counter is not None:
         _launch(_count_batch, 1, 1, counter)
-    _launch_affine(x4, save_mean, scale, offset, None, None, y4)
+    _launch_affine(x4, save_mean, scale, offset, x4, scale, False, y4)
     return _deliver(y, out), save_mean, save_invstd
 
 
@@ -412,7 +416,7 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
     _launch_per_channel(_finish_running_stats, n_channels, running_mean,
                         running_var, weight, bias, eps, save_mean,
                         save_invstd, scale, offset)
-    _launch_affine(x4, save_mean, scale, offset, None, None, y4)
+    _launch_affine(x4, save_mean, scale, offset, x4, scale, False, y4)
     return _deliver(y, out), save_mean, save_invstd
 
 
@@ -426,7 +430,7 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     dx, (x4, dy4, dx4) = _views([x, dy], out)
     n_samples, n_channels, rows, cols = x4.shape
     if batch_stats or grad_dtype is not None:
-        psum_dy, psum_dy_xmu = _launch_partials(x4, dy4, save_mean)
+        psum_dy, psum_dy_xmu = _launch_partials(x4, dy4, save_mean, False)
     else:
         # Constant statistics and no parameter gradient: dx = gain * dy.
         psum_dy = psum_dy_xmu = _empty((0, n_channels), np.float64)
@@ -438,5 +442,5 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
         _finish_backward, n_channels, psum_dy, psum_dy_xmu,
         n_samples * rows * cols, save_invstd, weight, batch_stats,
         grad_weight, grad_bias, scale, offset, gain)
-    _launch_affine(x4, save_mean, scale, offset, dy4, gain, dx4)
+    _launch_affine(x4, save_mean, scale, offset, dy4, gain, True, dx4)
     return _deliver(dx, out), grad_weight, grad_bias

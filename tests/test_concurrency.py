@@ -14,7 +14,8 @@ def train_steps(seed, steps=5):
     bn = nbn.BatchNorm2d(4 + seed, momentum=None)
     outputs = []
     for _ in range(steps):
-        x = rng.normal(seed, 1 + seed, (3, 4 + seed, 6, 5)).astype(np.float32)
+        # Above the serial threshold: the threads race parallel launches.
+        x = rng.normal(seed, 1 + seed, (3, 4 + seed, 24, 20)).astype(np.float32)
         outputs.append(bn(x))
         outputs.append(bn.backward(np.ones_like(x)))
     return outputs, bn.state_dict()
@@ -44,11 +45,14 @@ def test_threads_give_the_sequential_results():
 
 FORK_SCRIPT = textwrap.dedent("""
     import os, sys
+    import numba
     import numpy as np
     import numba_bn as nbn
 
-    x = np.random.default_rng(0).normal(3, 2, (4, 3, 8, 8)).astype(np.float32)
-    parent = nbn.BatchNorm2d(3)(x)          # the parent runs parallel kernels
+    # Large enough for the parallel kernels (small inputs run serially).
+    x = np.random.default_rng(0).normal(3, 2, (8, 3, 32, 32)).astype(np.float32)
+    parent = nbn.BatchNorm2d(3)(x)
+    print("parent threading layer", numba.threading_layer())
     pid = os.fork()
     if pid == 0:
         child = nbn.BatchNorm2d(3)(x)
@@ -68,3 +72,4 @@ def test_forked_child_uses_numba_bn_after_parent():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "child exit status 0" in done.stdout
+    assert "parent threading layer" in done.stdout

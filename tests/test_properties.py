@@ -1,9 +1,11 @@
 """Property-based tests: shapes, dtypes, strides and flags against the float64 reference."""
 import numpy as np
-from hypothesis import given
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import numba_bn as nbn
+from numba_bn import cpu
 
 from . import reference as ref
 from .conftest import TOLERANCE
@@ -44,13 +46,22 @@ def close(actual, expected, dtype, scale=1.0):
                                rtol=tol, atol=tol * scale)
 
 
+@pytest.fixture(params=["parallel", "serial"])
+def launch_policy(request, monkeypatch):
+    """Small inputs run the serial kernel twins; test the parallel ones too."""
+    monkeypatch.setattr(cpu, "_SERIAL_BELOW", 0 if request.param == "parallel" else 2**62)
+    return request.param
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), ndim=st.sampled_from([2, 3, 4, 5]),
        dtype=st.sampled_from([np.float16, np.float32, np.float64]),
        affine=st.booleans(), bias=st.booleans(), track=st.booleans(),
        momentum=st.sampled_from([0.1, None, 0.0, 1.0]),
        training=st.booleans(), freeze=st.booleans())
-def test_module_forward_backward_match_reference(data, ndim, dtype, affine, bias,
-                                                 track, momentum, training, freeze):
+def test_module_forward_backward_match_reference(launch_policy, data, ndim, dtype,
+                                                 affine, bias, track, momentum,
+                                                 training, freeze):
     freeze = freeze and track
     shape, order, steps = data.draw(layouts(ndim))
     c = shape[1]

@@ -54,11 +54,13 @@ def compile_kernel(kernel, signature):
 def test_element_and_reduction_kernels(dtype):
     from numba_bn import cuda as backend
     x4 = arr(dtype, 4)
-    compile_kernel(backend._channel_partials, (x4, nt.none, nt.none, PARTIALS, PARTIALS))
-    compile_kernel(backend._channel_partials, (x4, x4, VEC, PARTIALS, PARTIALS))
+    # forward (shift: a strided view of x) and backward (the float64 mean)
+    compile_kernel(backend._channel_partials,
+                   (x4, x4, arr(dtype, 1), nt.boolean, PARTIALS, PARTIALS))
+    compile_kernel(backend._channel_partials,
+                   (x4, x4, VEC, nt.boolean, PARTIALS, PARTIALS))
     compile_kernel(backend._affine_pass,
-                   (x4, VEC, VEC, VEC, nt.none, nt.none, x4, nt.boolean))
-    compile_kernel(backend._affine_pass, (x4, VEC, VEC, VEC, x4, VEC, x4, nt.boolean))
+                   (x4, VEC, VEC, VEC, x4, VEC, nt.boolean, x4, nt.boolean))
 
 
 @pytest.mark.parametrize("dtype", DATA_DTYPES)
