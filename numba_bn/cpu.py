@@ -298,8 +298,10 @@ def _to_dtype(a, dtype):
     Values beyond float16's range become inf, as in PyTorch, without
     NumPy's overflow warning.
     """
+    if a.dtype == dtype:
+        return a
     with np.errstate(over="ignore"):
-        return a.astype(dtype, copy=False)
+        return a.astype(dtype)
 
 
 def _write_back(target, computed):
@@ -334,6 +336,10 @@ def _views(inputs, out):
     if out is None or out.dtype != compute_dtype:
         target = empty_like(inputs[0] if out is None else out, compute_dtype)
     arrays = list(inputs) + [target]
+    if all(a.flags.c_contiguous for a in arrays):  # the common case, fast
+        shape = target.shape
+        shape4 = shape[:2] + (1, target.size // max(1, shape[0] * shape[1]))
+        return target, [a.reshape(shape4) for a in arrays]
     geometry = canonical_geometry(target.shape, [a.strides for a in arrays])
     if geometry is None:
         arrays = [np.ascontiguousarray(a) for a in inputs]
@@ -364,6 +370,8 @@ def empty_like(x, dtype=None):
     dtype : numpy.dtype, optional
         Defaults to ``x.dtype``.
     """
+    if x.flags.c_contiguous:
+        return np.empty(x.shape, dtype or x.dtype)
     perm = output_order(x.shape, x.strides)
     base = np.empty(tuple(x.shape[p] for p in perm), dtype or x.dtype)
     return base.transpose(inverse(perm))
