@@ -24,6 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 import numba_bn as nbn
+from numba_bn._dispatch import backend_named
 
 SHAPES = [(32, 64, 56, 56), (256, 64, 14, 14), (32, 512, 7, 7),
           (8, 16, 32, 32), (1024, 256)]
@@ -205,6 +206,125 @@ def small_calls(torch, rounds):
     return results
 
 
+GPU_SHAPES = {"float32": (64, 256, 64, 64), "float16": (128, 256, 64, 64)}
+"""256 MiB per tensor, so the 50 MB L2 of an H100 does not flatter."""
+
+
+def torch_cuda_contender(torch, module, op, x, dy):
+    """PyTorch's CUDA batch norm on the same tensors (None without PyTorch)."""
+    if module is None:
+        return None
+    xg = x.detach().clone().requires_grad_(op == "backward")
+    if op == "backward":
+        y = module(xg)  # the graph is built once; each call runs backward only
+
+        def run():
+            xg.grad = None
+            y.backward(dy, retain_graph=True)
+            return xg.grad
+        return run
+
+    def run():
+        with torch.no_grad():
+            return module(xg)
+    return run
+
+
+def gpu_main(args, torch):
+    """The GPU comparison: numba_bn against PyTorch's CUDA batch norm (cuDNN).
+
+    Inputs are PyTorch CUDA tensors (numba_bn reads them zero-copy through
+    ``__cuda_array_interface__``) or, without PyTorch, CuPy arrays. Each
+    sample runs the operation ``inner`` times and synchronizes the device.
+    """
+    from numba import cuda
+    if numba.config.ENABLE_CUDASIM or not cuda.is_available():
+        print("no usable GPU (numba.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    if torch is not None and not torch.cuda.is_available():
+        torch = None
+    cupy = None
+    if torch is None:
+        try:
+            import cupy
+        except ImportError:
+            print("the GPU bench builds its inputs with PyTorch (CUDA) or CuPy; "
+                  "install one", file=sys.stderr)
+            return 2
+    rounds = args.rounds or (3 if args.quick else 9)
+    device = cuda.get_current_device()
+    nbytes = 256 << 20
+    src = cuda.device_array(nbytes // 4, np.float32)
+    dst = cuda.device_array(nbytes // 4, np.float32)
+
+    def timed(fn, inner=10):
+        fn()
+        cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        cuda.synchronize()
+        return (time.perf_counter() - start) / inner
+
+    bandwidth = 2 * nbytes / float(np.median([timed(lambda: dst.copy_to_device(src))
+                                             for _ in range(5)]))
+    print(f"numba_bn {nbn.__version__} on {device.name.decode() if isinstance(device.name, bytes) else device.name}; "
+          f"device-to-device copy {bandwidth / 1e12:.2f} TB/s"
+          + (f"; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}"
+             if torch else "; PyTorch (CUDA) not available"))
+    print(f"{'op':9}{'shape':20}{'dtype':8}{'layout':14}{'numba_bn':>9}{'torch':>9}"
+          f"{'ratio':>7}{'roofline':>9}")
+    wrong = 0
+    for dtype, shape in GPU_SHAPES.items():
+        if args.quick and dtype == "float16":
+            continue
+        for layout in ["nchw", "channels_last"]:
+            x_host = layout_input(shape, np.dtype(dtype), layout, np.random.default_rng(0))
+            dy_host = layout_input(shape, np.dtype(dtype), layout, np.random.default_rng(1))
+            if torch is not None:
+                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda().contiguous(memory_format=fmt)  # noqa: E731
+            else:
+                order = (0, 2, 3, 1) if layout == "channels_last" else (0, 1, 2, 3)
+                to_dev = lambda a: cupy.asarray(np.ascontiguousarray(a.transpose(order))).transpose(np.argsort(order))  # noqa: E731
+            x, dy = to_dev(x_host), to_dev(dy_host)
+            c = shape[1]
+            # float16 data meets float32 parameters (mixed precision), as in PyTorch AMP.
+            ours = nbn.BatchNorm2d(c, device="cuda", dtype="float32")
+            theirs = torch.nn.BatchNorm2d(c).cuda() if torch is not None else None
+            for op in OPERATIONS:
+                ours.train(op != "eval")
+                if theirs is not None:
+                    theirs.train(op != "eval")
+                if op == "backward":
+                    ours(x)
+                    run_ours = lambda: ours.backward(dy)  # noqa: E731
+                else:
+                    run_ours = lambda: ours(x)  # noqa: E731
+                times = {"numba_bn": []}
+                run_torch = torch_cuda_contender(torch, theirs, op, x, dy)
+                if run_torch is not None:
+                    times["torch"] = []
+                    mine = np.asarray(backend_named("cuda").to_host(run_ours()),
+                                      np.float64)
+                    ref = run_torch().float().cpu().numpy().astype(np.float64)
+                    error = np.abs(mine - ref).max() / max(np.abs(ref).max(), 1e-30)
+                    if error > (1e-2 if dtype == "float16" else 1e-3):
+                        wrong += 1
+                        print(f"  WRONG: {op} {dtype} {layout} error {error:.1e}")
+                for _ in range(rounds):
+                    times["numba_bn"].append(timed(run_ours))
+                    if run_torch is not None:
+                        times["torch"].append(timed(run_torch))
+                med = {k: float(np.median(v)) for k, v in times.items()}
+                ratio = med["numba_bn"] / med["torch"] if "torch" in med else None
+                share = PASSES[op] * x_host.nbytes / bandwidth / med["numba_bn"]
+                print(f"{op:9}{str(shape).replace(' ', ''):20}{dtype:8}{layout:14}"
+                      f"{fmt_ms(med['numba_bn']):>9}{fmt_ms(med.get('torch')):>9}"
+                      f"{'-' if ratio is None else f'{ratio:.2f}':>7}{share:9.0%}")
+    return 1 if wrong else 0
+
+
 def fmt_ms(seconds):
     return "-" if seconds is None else f"{seconds * 1e3:8.3f}"
 
@@ -222,6 +342,9 @@ def main(argv=None):
                         help="leave PyTorch out even when it is installed")
     parser.add_argument("--json", metavar="PATH",
                         help="also write the results as JSON (for docs/plots)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: 256 MiB tensors against PyTorch's CUDA "
+                             "batch norm and the device copy roofline")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 15)
     torch = None
@@ -231,6 +354,8 @@ def main(argv=None):
             torch.set_num_threads(numba.get_num_threads())
         except ImportError:
             torch = None
+    if args.device == "cuda":
+        return gpu_main(args, torch)
 
     bandwidth = copy_bandwidth(64 << 20 if args.quick else 256 << 20)
     print(f"numba_bn {nbn.__version__}, numba {numba.__version__}, numpy "
