@@ -25,19 +25,6 @@ def split_position(j, rows, cols):
     return n, r, rs - r * cols
 
 
-@register_jitable
-def next_position(n, r, s, rows, cols):
-    """The position after ``(n, r, s)``: a walk without divisions."""
-    s += 1
-    if s == cols:
-        s = 0
-        r += 1
-        if r == rows:
-            r = 0
-            n += 1
-    return n, r, s
-
-
 def merge_spatial(shape, strides_per_array):
     """Merge spatial axes where the strides of every array allow it.
 

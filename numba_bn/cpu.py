@@ -40,7 +40,7 @@ from numba import njit, prange
 
 from . import _channel
 from ._layout import (canonical_geometry, inverse, is_channels_last,
-                      next_position, output_order, split_position)
+                      output_order, split_position)
 
 DEVICE = "cpu"
 
@@ -117,16 +117,22 @@ def _channel_partials_rows(xp, dyp, center, moments, psum, psumprod):
             k[c] = center[c]
         s1 = np.zeros(n_channels)
         s2 = np.zeros(n_channels)
-        start = p * per_chunk
-        n, r, s = split_position(start, rows, cols)
-        for _ in range(start, min(positions, start + per_chunk)):
-            x_row = xp[n, r, s]
-            dy_row = dyp[n, r, s]
-            for c in range(n_channels):
-                u, uv = _channel.partial_terms(x_row, dy_row, c, k[c], moments)
-                s1[c] += u
-                s2[c] += uv
-            n, r, s = next_position(n, r, s, rows, cols)
+        stop = min(positions, (p + 1) * per_chunk)
+        j = p * per_chunk
+        while j < stop:  # one (S, C) line segment at a time
+            n, r, first = split_position(j, rows, cols)
+            last = min(cols, first + stop - j)
+            x_line = xp[n, r]
+            dy_line = dyp[n, r]
+            for s in range(first, last):
+                x_row = x_line[s]
+                dy_row = dy_line[s]
+                for c in range(n_channels):
+                    u, uv = _channel.partial_terms(x_row, dy_row, c, k[c],
+                                                   moments)
+                    s1[c] += u
+                    s2[c] += uv
+            j += last - first
         psum[p, :] = s1
         psumprod[p, :] = s2
 
@@ -139,16 +145,23 @@ def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, with_dy, outp,
     positions = n_samples * rows * cols
     per_chunk = -(-positions // chunks)
     for p in prange(chunks):
-        start = p * per_chunk
-        n, r, s = split_position(start, rows, cols)
-        for _ in range(start, min(positions, start + per_chunk)):
-            x_row = xp[n, r, s]
-            dy_row = dyp[n, r, s]
-            out_row = outp[n, r, s]
-            for c in range(n_channels):
-                out_row[c] = _channel.affine_element(
-                    x_row, dy_row, c, c, mean, scale, offset, gain, with_dy)
-            n, r, s = next_position(n, r, s, rows, cols)
+        stop = min(positions, (p + 1) * per_chunk)
+        j = p * per_chunk
+        while j < stop:  # one (S, C) line segment at a time
+            n, r, first = split_position(j, rows, cols)
+            last = min(cols, first + stop - j)
+            x_line = xp[n, r]
+            dy_line = dyp[n, r]
+            out_line = outp[n, r]
+            for s in range(first, last):
+                x_row = x_line[s]
+                dy_row = dy_line[s]
+                out_row = out_line[s]
+                for c in range(n_channels):
+                    out_row[c] = _channel.affine_element(
+                        x_row, dy_row, c, c, mean, scale, offset, gain,
+                        with_dy)
+            j += last - first
 
 
 @njit(cache=True)
@@ -234,10 +247,19 @@ def _launch(kernel, x4, *args):
         kernel(x4, *args)
 
 
-def _position_major(a4):
-    """``(N, R, S, C)`` view: C-contiguous (so Numba knows the unit stride)
-    for dense channels-last data."""
-    return a4.transpose(0, 2, 3, 1)
+def _position_major(*arrays4):
+    """``(N, R, S, C)`` views of ``(N, C, R, S)`` arrays.
+
+    C-contiguous for dense channels-last data, so Numba knows the unit
+    stride; when all of them are, one line ``(1, 1, N*R*S, C)`` (a reshape,
+    no copy) so that the kernels slice once per chunk, not once per sample.
+    """
+    views = [a4.transpose(0, 2, 3, 1) for a4 in arrays4]
+    if all(v.flags.c_contiguous for v in views):
+        n_samples, rows, cols, n_channels = views[0].shape
+        return [v.reshape(1, 1, n_samples * rows * cols, n_channels)
+                for v in views]
+    return views
 
 
 def _row_chunks(x4):
@@ -260,8 +282,8 @@ def _partials(x4, dy4, center, moments):
     psum = np.empty((parts, n_channels))
     psumprod = np.empty((parts, n_channels))
     if rows_layout:
-        _launch(_channel_partials_rows, _position_major(x4),
-                _position_major(dy4), center, moments, psum, psumprod)
+        _launch(_channel_partials_rows, *_position_major(x4, dy4), center,
+                moments, psum, psumprod)
     else:
         _launch(_channel_partials, x4, dy4, center, moments, psum, psumprod)
     return psum, psumprod
@@ -270,9 +292,9 @@ def _partials(x4, dy4, center, moments):
 def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4):
     """``out4 = (x4 - mean) * scale + offset [+ gain * dy4]``, layout-wise."""
     if is_channels_last(x4.shape, x4.strides):
-        _launch(_affine_pass_rows, _position_major(x4), mean, scale, offset,
-                _position_major(dy4), gain, with_dy, _position_major(out4),
-                _row_chunks(x4))
+        xp, dyp, outp = _position_major(x4, dy4, out4)
+        _launch(_affine_pass_rows, xp, mean, scale, offset, dyp, gain,
+                with_dy, outp, _row_chunks(x4))
     else:
         _launch(_affine_pass, x4, mean, scale, offset, dy4, gain, with_dy,
                 out4)
