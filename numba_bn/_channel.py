@@ -55,6 +55,17 @@ def affine_element(x, dy, at, c, mean, scale, offset, gain, with_dy):
 
 
 @register_jitable
+def merged_sums(psum, psumprod, c):
+    """Channel ``c``'s totals of the two ``(P, C)`` partial-sum arrays."""
+    total = 0.0
+    total_prod = 0.0
+    for p in range(psum.shape[0]):
+        total += psum[p, c]
+        total_prod += psumprod[p, c]
+    return total, total_prod
+
+
+@register_jitable
 def affine(c, mean, invstd, weight, bias, scale, offset):
     """Fold normalization and affine map into ``y = (x - mean) * scale + offset``."""
     s = invstd
@@ -86,11 +97,7 @@ def finish_batch_stats(channels, shift, psum, psumsq, count, weight, bias,
         if cumulative:
             factor = 1.0 / (num_batches_tracked[0] + 1)
     for c in channels:
-        s1 = 0.0
-        s2 = 0.0
-        for p in range(psum.shape[0]):
-            s1 += psum[p, c]
-            s2 += psumsq[p, c]
+        s1, s2 = merged_sums(psum, psumsq, c)
         shifted_mean = s1 / count
         mean = np.float64(shift[c]) + shifted_mean
         var = max((s2 - s1 * shifted_mean) / count, 0.0)
@@ -129,11 +136,7 @@ def finish_backward(channels, psum_dy, psum_dy_xmu, count, save_invstd, weight,
     (constant) statistics both are 0.
     """
     for c in channels:
-        sum_dy = 0.0
-        sum_dy_xmu = 0.0
-        for p in range(psum_dy.shape[0]):
-            sum_dy += psum_dy[p, c]
-            sum_dy_xmu += psum_dy_xmu[p, c]
+        sum_dy, sum_dy_xmu = merged_sums(psum_dy, psum_dy_xmu, c)
         invstd = np.float64(save_invstd[c])
         if grad_weight is not None:
             grad_weight[c] = sum_dy_xmu * invstd

@@ -25,6 +25,14 @@ def split_position(j, rows, cols):
     return n, r, rs - r * cols
 
 
+@register_jitable
+def line_segment(j, stop, rows, cols):
+    """``(n, r, first, last)``: positions ``j`` up to ``stop`` that lie on one
+    line ``(n, r, :)``, so that a kernel slices once per segment."""
+    n, r, first = split_position(j, rows, cols)
+    return n, r, first, min(cols, first + stop - j)
+
+
 def merge_spatial(shape, strides_per_array):
     """Merge spatial axes where the strides of every array allow it.
 

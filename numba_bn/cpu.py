@@ -40,7 +40,7 @@ from numba import njit, prange
 
 from . import _channel
 from ._layout import (canonical_geometry, inverse, is_channels_last,
-                      output_order, split_position)
+                      line_segment, output_order)
 
 DEVICE = "cpu"
 
@@ -119,9 +119,8 @@ def _channel_partials_rows(xp, dyp, center, moments, psum, psumprod):
         s2 = np.zeros(n_channels)
         stop = min(positions, (p + 1) * per_chunk)
         j = p * per_chunk
-        while j < stop:  # one (S, C) line segment at a time
-            n, r, first = split_position(j, rows, cols)
-            last = min(cols, first + stop - j)
+        while j < stop:
+            n, r, first, last = line_segment(j, stop, rows, cols)
             x_line = xp[n, r]
             dy_line = dyp[n, r]
             for s in range(first, last):
@@ -147,9 +146,8 @@ def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, with_dy, outp,
     for p in prange(chunks):
         stop = min(positions, (p + 1) * per_chunk)
         j = p * per_chunk
-        while j < stop:  # one (S, C) line segment at a time
-            n, r, first = split_position(j, rows, cols)
-            last = min(cols, first + stop - j)
+        while j < stop:
+            n, r, first, last = line_segment(j, stop, rows, cols)
             x_line = xp[n, r]
             dy_line = dyp[n, r]
             out_line = outp[n, r]
