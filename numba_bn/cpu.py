@@ -268,14 +268,13 @@ def _row_chunks(x4):
                       -(-positions * n_channels // _ROWS_CHUNK_ELEMENTS)))
 
 
-def _partials(x4, dy4, center, moments):
+def _partials(x4, dy4, center, moments, rows_layout):
     """Partial sums of every channel as two ``(P, C)`` float64 arrays.
 
     Per plane (P = N) when a channel's values are contiguous, per chunk of
-    positions when the channel axis is.
+    positions when the channel axis is (``rows_layout``).
     """
     n_channels = x4.shape[1]
-    rows_layout = is_channels_last(x4.shape, x4.strides)
     parts = _row_chunks(x4) if rows_layout else x4.shape[0]
     psum = np.empty((parts, n_channels))
     psumprod = np.empty((parts, n_channels))
@@ -287,9 +286,9 @@ def _partials(x4, dy4, center, moments):
     return psum, psumprod
 
 
-def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4):
+def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, rows_layout):
     """``out4 = (x4 - mean) * scale + offset [+ gain * dy4]``, layout-wise."""
-    if is_channels_last(x4.shape, x4.strides):
+    if rows_layout:
         xp, dyp, outp = _position_major(x4, dy4, out4)
         _launch(_affine_pass_rows, xp, mean, scale, offset, dyp, gain,
                 with_dy, outp, _row_chunks(x4))
@@ -397,7 +396,7 @@ def empty_like(x, dtype=None):
     return base.transpose(inverse(perm))
 
 
-def from_host(a, like=None):
+def from_host(a):
     """``a`` as an array of this device (a NumPy array; no copy if it is one)."""
     return np.asarray(a)
 
@@ -448,7 +447,8 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     # Sums of x - shift with a sample of each channel as its shift; float64
     # like the backward's mean, so both passes share one compiled kernel.
     shift = x4[0, :, 0, 0].astype(np.float64)
-    psum, psumsq = _partials(x4, x4, shift, True)
+    rows_layout = is_channels_last(x4.shape, x4.strides)
+    psum, psumsq = _partials(x4, x4, shift, True, rows_layout)
     save_mean, save_invstd, scale, offset = np.empty((4, n_channels))
     rm, rv = _computable(running_mean), _computable(running_var)
     counter = (None if num_batches_tracked is None
@@ -462,7 +462,7 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
         _write_back(running_var, rv)
     if counter is not None:
         counter += 1
-    _affine(x4, save_mean, scale, offset, x4, scale, False, y4)
+    _affine(x4, save_mean, scale, offset, x4, scale, False, y4, rows_layout)
     return _deliver(y, x.dtype, out), save_mean, save_invstd
 
 
@@ -477,12 +477,13 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
         ``1 / sqrt(running_var + eps)`` that normalized it.
     """
     y, (x4, y4) = _views([_computable(x)], out)
+    rows_layout = is_channels_last(x4.shape, x4.strides)
     n_channels = x4.shape[1]
     save_mean, save_invstd, scale, offset = np.empty((4, n_channels))
     _finish_running_stats(_computable(running_mean), _computable(running_var),
                           _computable(weight), _computable(bias), eps,
                           save_mean, save_invstd, scale, offset)
-    _affine(x4, save_mean, scale, offset, x4, scale, False, y4)
+    _affine(x4, save_mean, scale, offset, x4, scale, False, y4, rows_layout)
     return _deliver(y, x.dtype, out), save_mean, save_invstd
 
 
@@ -511,10 +512,12 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     grad_weight, grad_bias : numpy.ndarray or None
     """
     dx, (x4, dy4, dx4) = _views([_computable(x), _computable(dy)], out)
+    rows_layout = is_channels_last(x4.shape, x4.strides)
     n_samples, n_channels, rows, cols = x4.shape
     save_mean, save_invstd = _computable(save_mean), _computable(save_invstd)
     if batch_stats or grad_dtype is not None:
-        psum_dy, psum_dy_xmu = _partials(x4, dy4, save_mean, False)
+        psum_dy, psum_dy_xmu = _partials(x4, dy4, save_mean, False,
+                                         rows_layout)
     else:
         # Constant statistics and no parameter gradient: dx = gain * dy.
         psum_dy = psum_dy_xmu = np.zeros((0, n_channels))
@@ -526,7 +529,7 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     _finish_backward(psum_dy, psum_dy_xmu, n_samples * rows * cols,
                      save_invstd, _computable(weight), batch_stats,
                      grad_weight, grad_bias, scale, offset, gain)
-    _affine(x4, save_mean, scale, offset, dy4, gain, True, dx4)
+    _affine(x4, save_mean, scale, offset, dy4, gain, True, dx4, rows_layout)
     if grad_dtype is not None:
         grad_weight = _to_dtype(grad_weight, grad_dtype)
         grad_bias = _to_dtype(grad_bias, grad_dtype)

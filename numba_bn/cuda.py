@@ -320,7 +320,7 @@ def empty_like(x, dtype=None):
                          tuple(base.strides[i] for i in inv))
 
 
-def from_host(a, like=None):
+def from_host(a):
     """``a`` copied to the GPU (a CuPy array when CuPy is installed)."""
     cupy = _cupy()
     a = np.asarray(a)
