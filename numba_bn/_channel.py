@@ -25,32 +25,35 @@ from numba.extending import register_jitable
 
 
 @register_jitable
-def partial_terms(x, dy, at, k, moments):
-    """The two summands of element ``x[at]``: ``u`` and ``u * (x - k)``.
+def partial_terms(x, dy, k, moments):
+    """The two summands of one element ``x``: ``u`` and ``u * (x - k)``.
 
     ``u = x - k`` with ``moments`` (shifted first and second moments, the
     forward pass: ``k`` is a sample of the channel, so the float64 sums do
     not cancel when ``|mean| >> std``, unlike ``E[x**2] - E[x]**2``), else
-    ``u = dy[at]`` (gradient sums, the backward pass: ``k`` is the mean).
-    ``at`` is an index, in whatever axis order the caller's views use.
+    ``u = dy`` (gradient sums, the backward pass: ``k`` is the mean).
     A flag rather than ``dy=None``: forward and backward then share one
     compiled kernel, which halves the compilation of a cold start.
+
+    The kernels pass element values, not arrays and an index: an array
+    argument costs a reference-count update per call, which two CPU threads
+    contend for (short rows ran at half speed).
     """
-    v = np.float64(x[at]) - k
-    u = v if moments else np.float64(dy[at])
+    v = np.float64(x) - k
+    u = v if moments else np.float64(dy)
     return u, u * v
 
 
 @register_jitable
-def affine_element(x, dy, at, c, mean, scale, offset, gain, with_dy):
-    """``(x[at] - mean) * scale + offset``, plus ``gain * dy[at]`` ``with_dy``.
+def affine_element(x, dy, c, mean, scale, offset, gain, with_dy):
+    """``(x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``.
 
     float64 arithmetic: ``x - mean`` must not round the mean to the input's
     precision (mean 1e4 in float32 is off by up to 5e-4).
     """
-    v = (np.float64(x[at]) - mean[c]) * scale[c] + offset[c]
+    v = (np.float64(x) - mean[c]) * scale[c] + offset[c]
     if with_dy:
-        v += gain[c] * np.float64(dy[at])
+        v += gain[c] * np.float64(dy)
     return v
 
 

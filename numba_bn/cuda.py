@@ -105,7 +105,8 @@ def _channel_partials(x4, dy4, center, moments, psum, psumprod):
         for j in range(block * cuda.blockDim.x + cuda.threadIdx.x, count,
                        stride):
             n, r, s = split_position(j, rows, cols)
-            u, uv = _channel.partial_terms(x4, dy4, (n, c, r, s), k, moments)
+            u, uv = _channel.partial_terms(x4[n, c, r, s],
+                                            dy4[n, c, r, s], k, moments)
             s1 += u
             s2 += uv
         s1, s2 = _block_sum2(shared, s1, s2)
@@ -123,7 +124,8 @@ def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4,
     for j in range(cuda.grid(1), total, cuda.gridsize(1)):
         n, c, r, s = _element_index(j, n_channels, rows, cols, channels_last)
         out4[n, c, r, s] = _channel.affine_element(
-            x4, dy4, (n, c, r, s), c, mean, scale, offset, gain, with_dy)
+            x4[n, c, r, s], dy4[n, c, r, s], c, mean, scale, offset, gain,
+            with_dy)
 
 
 @cuda.jit(cache=True)
