@@ -40,6 +40,14 @@ _DOC = """:class:`numba_bn.{name}` with MegEngine's arguments.
     device, dtype : optional
         As :class:`numba_bn.{name}`.
 
+    Raises
+    ------
+    ValueError
+        ``momentum=None`` (MegEngine has no cumulative average), and the
+        construction errors of :class:`numba_bn.{name}`.
+    TypeError
+        As :class:`numba_bn.{name}`.
+
     Examples
     --------
     >>> import numpy as np

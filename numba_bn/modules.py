@@ -104,7 +104,14 @@ class _BatchNorm:
 
     @property
     def device(self):
-        """``"cpu"`` or ``"cuda"``: where parameters and buffers live."""
+        """``"cpu"`` or ``"cuda"``: where parameters and buffers live.
+
+        Examples
+        --------
+        >>> import numba_bn as nbn
+        >>> nbn.BatchNorm1d(3).device
+        'cpu'
+        """
         return self._backend.DEVICE
 
     def _fill(self, value):
@@ -256,23 +263,78 @@ class _BatchNorm:
     # modes, resets, state
 
     def train(self, mode=True):
-        """Set training mode (``mode=True``) or eval mode; return the module."""
+        """Set training mode (``mode=True``) or eval mode.
+
+        Parameters
+        ----------
+        mode : bool, optional
+            True for training mode (batch statistics, running statistics
+            updated), False for eval mode (running statistics normalize).
+
+        Returns
+        -------
+        module
+            The module itself, so that calls chain.
+
+        Examples
+        --------
+        >>> import numba_bn as nbn
+        >>> bn = nbn.BatchNorm2d(4)
+        >>> bn.train(False).training, bn.train().training
+        (False, True)
+        """
         self.training = bool(mode)
         return self
 
     def eval(self):
-        """Set eval mode; return the module."""
+        """Set eval mode, the same as ``train(False)``.
+
+        Returns
+        -------
+        module
+            ``self``, now normalizing with the running statistics.
+
+        Examples
+        --------
+        >>> import numpy as np, numba_bn as nbn
+        >>> bn = nbn.BatchNorm1d(2).eval()
+        >>> bn(np.ones((1, 2), np.float32))      # one sample: fine in eval
+        array([[0.999995, 0.999995]], dtype=float32)
+        """
         return self.train(False)
 
     def reset_running_stats(self):
-        """Running mean to 0, running variance to 1, ``num_batches_tracked`` to 0."""
+        """Running mean to 0, running variance to 1, ``num_batches_tracked`` to 0.
+
+        The arrays are overwritten in place (references to them stay valid);
+        a module without running statistics is left as it is.
+
+        Examples
+        --------
+        >>> import numpy as np, numba_bn as nbn
+        >>> bn = nbn.BatchNorm1d(1)
+        >>> _ = bn(np.array([[1.0], [3.0]], np.float32))
+        >>> bn.reset_running_stats()
+        >>> bn.running_mean, bn.running_var, bn.num_batches_tracked
+        (array([0.], dtype=float32), array([1.], dtype=float32), array(0))
+        """
         if self.track_running_stats:
             self._assign("running_mean", np.zeros(self.num_features))
             self._assign("running_var", np.ones(self.num_features))
             self._assign("num_batches_tracked", np.zeros(()))
 
     def reset_parameters(self):
-        """:meth:`reset_running_stats`, then ``weight`` to 1 and ``bias`` to 0."""
+        """:meth:`reset_running_stats`, then ``weight`` to 1 and ``bias`` to 0.
+
+        Examples
+        --------
+        >>> import numba_bn as nbn
+        >>> bn = nbn.BatchNorm1d(2)
+        >>> bn.weight[:] = 3
+        >>> bn.reset_parameters()
+        >>> bn.weight
+        array([1., 1.], dtype=float32)
+        """
         self.reset_running_stats()
         if self.weight is not None:
             self._assign("weight", np.ones(self.num_features))
@@ -354,11 +416,31 @@ class _BatchNorm:
             self._assign(key, value)
 
     def to(self, device):
-        """Move parameters, buffers and gradients to ``device``; return the module.
+        """Move parameters, buffers and gradients to ``device``.
+
+        The saved forward is dropped, so :meth:`backward` needs a new
+        forward on the new device.
 
         Parameters
         ----------
         device : {"cpu", "cuda"}
+            The target device.
+
+        Returns
+        -------
+        module
+            The module itself.
+
+        Raises
+        ------
+        ValueError
+            An unknown device name.
+
+        Examples
+        --------
+        >>> import numba_bn as nbn
+        >>> nbn.BatchNorm2d(4).to("cpu").device
+        'cpu'
         """
         target = backend_named(device)
         if target is not self._backend:
@@ -372,6 +454,20 @@ class _BatchNorm:
         return self
 
     def extra_repr(self):
+        """The arguments part of ``repr(module)``, as in PyTorch.
+
+        Returns
+        -------
+        str
+            ``"C, eps=..., momentum=..., affine=..., bias=...,
+            track_running_stats=..."`` (and ``freeze=True`` when frozen).
+
+        Examples
+        --------
+        >>> import numba_bn as nbn
+        >>> nbn.BatchNorm2d(8, momentum=None).extra_repr()
+        '8, eps=1e-05, momentum=None, affine=True, bias=True, track_running_stats=True'
+        """
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
                 f", affine={self.affine}, bias={self.bias is not None}, "
                 f"track_running_stats={self.track_running_stats}"

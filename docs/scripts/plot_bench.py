@@ -1,0 +1,83 @@
+"""Performance figures from the comparison command's machine-readable output.
+
+Reads ``docs/_data/bench_cpu.json``, written by::
+
+    python -m numba_bn.bench --json docs/_data/bench_cpu.json
+
+and draws ``docs/figures/bench_<dtype>.png``: per operation and case, the
+time of numba_bn and of NumPy relative to PyTorch's (log scale), and
+numba_bn's share of the memory-bandwidth floor. The date, machine and
+versions come from the JSON, so a figure always says which run it shows.
+
+Run from the repository root: ``python docs/scripts/plot_bench.py``.
+"""
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from _stamp import DATA, save  # noqa: E402
+
+OPERATIONS = ("train", "eval", "backward")
+TITLES = {"train": "training forward", "eval": "eval forward",
+          "backward": "backward"}
+
+
+def case_label(case):
+    shape = ",".join(str(s) for s in case["shape"])
+    layout = " CL" if case["layout"] == "channels_last" else ""
+    return f"({shape}){layout}"
+
+
+def plot(run, dtype):
+    cases = [c for c in run["cases"] if c["dtype"] == dtype]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.4), sharey="row")
+    for column, op in enumerate(OPERATIONS):
+        mine = [c for c in cases if c["op"] == op]
+        where = np.arange(len(mine))
+        ours = [c["seconds"]["numba_bn"] / c["seconds"]["torch"] for c in mine]
+        numpy_ = [c["seconds"]["numpy"] / c["seconds"]["torch"] for c in mine]
+        ax = axes[0, column]
+        ax.bar(where - 0.2, ours, 0.4, label="numba_bn")
+        ax.bar(where + 0.2, numpy_, 0.4, label="NumPy", color="0.7")
+        ax.axhline(1.0, color="k", lw=0.8, label="PyTorch")
+        ax.set_yscale("log")
+        ax.set_title(f"{TITLES[op]}: time / PyTorch's")
+        ax.set_xticks(where, [case_label(c) for c in mine], rotation=60,
+                      ha="right", fontsize=7)
+        ax = axes[1, column]
+        ax.bar(where, [100 * c["floor_share"] for c in mine], 0.6)
+        ax.axhline(100, color="k", lw=0.8)
+        ax.set_title(f"{TITLES[op]}: numba_bn, % of floor")
+        ax.set_xticks(where, [case_label(c) for c in mine], rotation=60,
+                      ha="right", fontsize=7)
+    axes[0, 0].legend(fontsize=8)
+    axes[0, 0].set_ylabel("ratio (lower is faster)")
+    axes[1, 0].set_ylabel("% (over 100: cache-resident)")
+    versions = run["versions"]
+    fig.suptitle(f"{dtype}, {run['threads']} threads, copy bandwidth "
+                 f"{run['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
+                 "(CL = channels-last)")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.text(0.01, 0.005,
+             f"{run['date']} · python -m numba_bn.bench --json · "
+             f"docs/scripts/plot_bench.py · numba_bn {versions['numba_bn']}, "
+             f"numba {versions['numba']}, numpy {versions['numpy']}, torch "
+             f"{versions['torch']} · {run['machine']}",
+             fontsize=6, color="0.4", ha="left", va="bottom")
+    save(fig, f"bench_{dtype}")
+    plt.close(fig)
+
+
+def main():
+    with open(os.path.join(DATA, "bench_cpu.json")) as f:
+        run = json.load(f)
+    for dtype in sorted({c["dtype"] for c in run["cases"]}):
+        plot(run, dtype)
+
+
+if __name__ == "__main__":
+    main()
