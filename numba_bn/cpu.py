@@ -188,6 +188,12 @@ def _finish_backward(psum_dy, psum_dy_xmu, count, save_invstd, weight,
         weight, batch_stats, grad_weight, grad_bias, scale, offset, gain)
 
 
+@njit(cache=True)
+def _merge_partials(psum, psumprod, total, total_prod):
+    for c in range(psum.shape[1]):
+        total[c], total_prod[c] = _channel.merged_sums(psum, psumprod, c)
+
+
 # --------------------------------------------------------------------------
 # launching
 
@@ -414,7 +420,8 @@ def copy_from_host(target, values):
 # operations
 
 def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
-                        num_batches_tracked, momentum, cumulative, out=None):
+                        num_batches_tracked, momentum, cumulative, out=None,
+                        moments=None):
     """Normalize ``x`` with its batch statistics; update the running ones.
 
     Parameters
@@ -435,6 +442,10 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
         ``momentum``.
     out : numpy.ndarray, optional
         Validated output array (shape and dtype of ``x``) to fill and return.
+    moments : tuple, optional
+        ``(count, mean, m2)``: the statistics of a batch that ``x`` is part
+        of (SyncBatchNorm), as a value count and ``(C,)`` float64 means and
+        sums of squared deviations; then ``x``'s own are not computed.
 
     Returns
     -------
@@ -443,19 +454,25 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     """
     y, (x4, y4) = _views([_computable(x)], out)
     n_samples, n_channels, rows, cols = x4.shape
-    # Sums of x - shift with a sample of each channel as its shift; float64
-    # like the backward's mean, so both passes share one compiled kernel.
-    shift = x4[0, :, 0, 0].astype(np.float64)
     rows_layout = is_channels_last(x4.shape, x4.strides)
-    psum, psumsq = _partials(x4, x4, shift, True, rows_layout)
+    if moments is None:
+        # Sums of x - shift with a sample of each channel as its shift;
+        # float64 like the backward's mean, so both passes share one
+        # compiled kernel.
+        shift = x4[0, :, 0, 0].astype(np.float64)
+        psum, psumsq = _partials(x4, x4, shift, True, rows_layout)
+        count = n_samples * rows * cols
+    else:
+        # Sums about the mean itself: the first is 0, the second is m2.
+        count, shift, m2 = moments
+        psum, psumsq = np.zeros((1, n_channels)), m2.reshape(1, n_channels)
     save_mean, save_invstd, scale, offset = np.empty((4, n_channels))
     rm, rv = _computable(running_mean), _computable(running_var)
     counter = (None if num_batches_tracked is None
                else num_batches_tracked.reshape(1))
-    _finish_batch_stats(shift, psum, psumsq, n_samples * rows * cols,
-                        _computable(weight), _computable(bias), eps, rm, rv,
-                        counter, momentum, cumulative, save_mean, save_invstd,
-                        scale, offset)
+    _finish_batch_stats(shift, psum, psumsq, count, _computable(weight),
+                        _computable(bias), eps, rm, rv, counter, momentum,
+                        cumulative, save_mean, save_invstd, scale, offset)
     if running_mean is not None:
         _write_back(running_mean, rm)
         _write_back(running_var, rv)
@@ -487,7 +504,7 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
 
 
 def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
-             out=None):
+             out=None, sums=None):
     """Gradients of a forward that normalized with ``save_mean``/``save_invstd``.
 
     Parameters
@@ -504,6 +521,12 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
         dtype of ``grad_weight``/``grad_bias``; None computes neither.
     out : numpy.ndarray, optional
         Validated output array for ``dx``.
+    sums : tuple, optional
+        ``(count, sum_dy, sum_dy_xmu)`` over a batch that ``x`` is part of
+        (SyncBatchNorm): the value count and ``(C,)`` float64 sums of ``dy``
+        and ``dy * (x - save_mean)`` for the coefficients of ``dx``, in
+        place of ``x``'s own. Parameter gradients (``grad_dtype``) would
+        come from them too: ask for none then.
 
     Returns
     -------
@@ -514,7 +537,12 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     rows_layout = is_channels_last(x4.shape, x4.strides)
     n_samples, n_channels, rows, cols = x4.shape
     save_mean, save_invstd = _computable(save_mean), _computable(save_invstd)
-    if batch_stats or grad_dtype is not None:
+    count = n_samples * rows * cols
+    if sums is not None:
+        count, sum_dy, sum_dy_xmu = sums
+        psum_dy = sum_dy.reshape(1, n_channels)
+        psum_dy_xmu = sum_dy_xmu.reshape(1, n_channels)
+    elif batch_stats or grad_dtype is not None:
         psum_dy, psum_dy_xmu = _partials(x4, dy4, save_mean, False,
                                          rows_layout)
     else:
@@ -525,11 +553,41 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
         grad_weight, grad_bias = np.empty((2, n_channels),
                                           _compute_dtype(grad_dtype))
     scale, offset, gain = np.empty((3, n_channels))
-    _finish_backward(psum_dy, psum_dy_xmu, n_samples * rows * cols,
-                     save_invstd, _computable(weight), batch_stats,
+    _finish_backward(psum_dy, psum_dy_xmu, count, save_invstd, _computable(weight), batch_stats,
                      grad_weight, grad_bias, scale, offset, gain)
     _affine(x4, save_mean, scale, offset, dy4, gain, True, dx4, rows_layout)
     if grad_dtype is not None:
         grad_weight = _to_dtype(grad_weight, grad_dtype)
         grad_bias = _to_dtype(grad_bias, grad_dtype)
     return _deliver(dx, dy.dtype, out), grad_weight, grad_bias
+
+
+def channel_sums(x, dy, center, moments):
+    """Per-channel float64 totals of ``u`` and ``u * (x - center)``.
+
+    ``u = x - center`` with ``moments``, else ``u = dy``: the two reductions
+    of the forward and the backward, for callers that combine them across
+    processes before normalizing (SyncBatchNorm).
+
+    Parameters
+    ----------
+    x, dy : numpy.ndarray
+        Validated arrays of one shape (pass ``x`` as ``dy`` with
+        ``moments``).
+    center : numpy.ndarray
+        ``(C,)`` float64.
+    moments : bool
+
+    Returns
+    -------
+    total, total_prod : numpy.ndarray
+        ``(C,)`` float64.
+    """
+    x, dy = _computable(x), _computable(dy)
+    # x is its own target here: the views are read, nothing is written.
+    _, (x4, dy4, _) = _views([x, dy], x)
+    psum, psumprod = _partials(x4, dy4, center, moments,
+                               is_channels_last(x4.shape, x4.strides))
+    total, total_prod = np.empty((2, x4.shape[1]))
+    _merge_partials(psum, psumprod, total, total_prod)
+    return total, total_prod

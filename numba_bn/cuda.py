@@ -162,6 +162,13 @@ def _finish_backward(psum_dy, psum_dy_xmu, count, save_invstd, weight,
 
 
 @cuda.jit(cache=True)
+def _merge_partials(psum, psumprod, total, total_prod):
+    c = cuda.grid(1)
+    if c < psum.shape[1]:
+        total[c], total_prod[c] = _channel.merged_sums(psum, psumprod, c)
+
+
+@cuda.jit(cache=True)
 def _count_batch(num_batches_tracked):
     # A kernel of its own: _finish_batch_stats reads the old count in every
     # channel, so it cannot also increment it without a race.
@@ -379,7 +386,8 @@ def _launch_per_channel(kernel, n_channels, *args):
 # operations
 
 def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
-                        num_batches_tracked, momentum, cumulative, out=None):
+                        num_batches_tracked, momentum, cumulative, out=None,
+                        moments=None):
     """Normalize ``x`` with its batch statistics; update the running ones.
 
     Same parameters and returns as :func:`numba_bn.cpu.forward_batch_stats`,
@@ -387,17 +395,24 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     """
     y, (x4, y4) = _views([x], out)
     n_samples, n_channels, rows, cols = x4.shape
-    # Sums of x - shift with a sample of each channel as its shift.
-    shift = x4[0, :, 0, 0]
-    psum, psumsq = _launch_partials(x4, x4, shift, True)
+    if moments is None:
+        # Sums of x - shift with a sample of each channel as its shift.
+        shift = x4[0, :, 0, 0]
+        psum, psumsq = _launch_partials(x4, x4, shift, True)
+        count = n_samples * rows * cols
+    else:
+        # Sums about the mean itself: the first is 0, the second is m2.
+        count, shift, m2 = moments
+        psum = from_host(np.zeros((1, n_channels)))
+        psumsq = _kernel_view(m2).reshape(1, n_channels)
     save_mean, save_invstd, scale, offset = _rows(
         _empty((4, n_channels), np.float64))
     counter = (None if num_batches_tracked is None
                else _strided_view(num_batches_tracked, (1,), (8,)))
     _launch_per_channel(
-        _finish_batch_stats, n_channels, shift, psum, psumsq,
-        n_samples * rows * cols, weight, bias, eps, running_mean, running_var,
-        counter, momentum, cumulative, save_mean, save_invstd, scale, offset)
+        _finish_batch_stats, n_channels, shift, psum, psumsq, count, weight,
+        bias, eps, running_mean, running_var, counter, momentum, cumulative,
+        save_mean, save_invstd, scale, offset)
     if counter is not None:
         _launch(_count_batch, 1, 1, counter)
     _launch_affine(x4, save_mean, scale, offset, x4, scale, False, y4)
@@ -423,7 +438,7 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
 
 
 def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
-             out=None):
+             out=None, sums=None):
     """Gradients of a forward that normalized with ``save_mean``/``save_invstd``.
 
     Same parameters and returns as :func:`numba_bn.cpu.backward`, with device
@@ -431,7 +446,12 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     """
     dx, (x4, dy4, dx4) = _views([x, dy], out)
     n_samples, n_channels, rows, cols = x4.shape
-    if batch_stats or grad_dtype is not None:
+    count = n_samples * rows * cols
+    if sums is not None:
+        count, sum_dy, sum_dy_xmu = sums
+        psum_dy = _kernel_view(sum_dy).reshape(1, n_channels)
+        psum_dy_xmu = _kernel_view(sum_dy_xmu).reshape(1, n_channels)
+    elif batch_stats or grad_dtype is not None:
         psum_dy, psum_dy_xmu = _launch_partials(x4, dy4, save_mean, False)
     else:
         # Constant statistics and no parameter gradient: dx = gain * dy.
@@ -441,8 +461,24 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
         grad_weight, grad_bias = _rows(_empty((2, n_channels), grad_dtype))
     scale, offset, gain = _rows(_empty((3, n_channels), np.float64))
     _launch_per_channel(
-        _finish_backward, n_channels, psum_dy, psum_dy_xmu,
-        n_samples * rows * cols, save_invstd, weight, batch_stats,
-        grad_weight, grad_bias, scale, offset, gain)
+        _finish_backward, n_channels, psum_dy, psum_dy_xmu, count,
+        save_invstd, weight, batch_stats, grad_weight, grad_bias, scale,
+        offset, gain)
     _launch_affine(x4, save_mean, scale, offset, dy4, gain, True, dx4)
     return _deliver(dx, out), grad_weight, grad_bias
+
+
+def channel_sums(x, dy, center, moments):
+    """Per-channel float64 totals of ``u`` and ``u * (x - center)``.
+
+    Same parameters and returns as :func:`numba_bn.cpu.channel_sums`, with
+    device arrays.
+    """
+    # x is its own target here: the views are read, nothing is written.
+    _, (x4, dy4, _) = _views([x, dy], x)
+    n_channels = x4.shape[1]
+    psum, psumprod = _launch_partials(x4, dy4, center, moments)
+    total, total_prod = _rows(_empty((2, n_channels), np.float64))
+    _launch_per_channel(_merge_partials, n_channels, psum, psumprod, total,
+                        total_prod)
+    return total, total_prod

@@ -14,12 +14,13 @@ __all__ = ["batch_norm", "batch_norm_forward_training", "batch_norm_backward"]
 
 def normalize(backend, x, weight, bias, eps, batch_stats, running_mean,
               running_var, num_batches_tracked=None, momentum=0.0,
-              cumulative=False, out=None):
+              cumulative=False, out=None, moments=None):
     """Validated forward: batch or running statistics, on ``backend``.
 
     Running buffers given with ``batch_stats`` are updated; without
     ``batch_stats`` they normalize. An empty batch returns an empty output
-    and changes nothing.
+    and changes nothing, unless it is part of a larger one whose
+    ``moments`` are given (``cpu.forward_batch_stats``).
 
     Returns
     -------
@@ -27,18 +28,19 @@ def normalize(backend, x, weight, bias, eps, batch_stats, running_mean,
     save_mean, save_invstd : array or None
         float64 statistics that normalized (None for an empty batch).
     """
-    if x.size == 0:
+    if x.size == 0 and moments is None:
         return (backend.empty_like(x) if out is None else out), None, None
     if batch_stats:
         return backend.forward_batch_stats(
             x, weight, bias, float(eps), running_mean, running_var,
-            num_batches_tracked, float(momentum), bool(cumulative), out)
+            num_batches_tracked, float(momentum), bool(cumulative), out,
+            moments)
     return backend.forward_running_stats(x, weight, bias, float(eps),
                                          running_mean, running_var, out)
 
 
 def gradients(backend, dy, x, weight, save_mean, save_invstd, batch_stats,
-              grad_dtype, out=None):
+              grad_dtype, out=None, sums=None):
     """Validated backward on ``backend``; see ``cpu.backward``.
 
     For an empty batch ``dx`` is empty and the parameter gradients are zeros.
@@ -49,7 +51,7 @@ def gradients(backend, dy, x, weight, save_mean, save_invstd, batch_stats,
             for _ in range(2))
         return (backend.empty_like(x) if out is None else out,) + grads
     return backend.backward(dy, x, weight, save_mean, save_invstd,
-                            batch_stats, grad_dtype, out)
+                            batch_stats, grad_dtype, out, sums)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None,

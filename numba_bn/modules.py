@@ -180,19 +180,31 @@ class _BatchNorm:
         """
         backend, x = backend_for(x)
         self._check_input(x, backend)
-        batch_stats = ((self.training and not self.freeze)
-                       or not self.track_running_stats)
-        if batch_stats:
+        if self._uses_batch_stats():
             check.check_values_per_channel(x)
         out = check_output(out, x, [x], backend)
-        update = self.training and self.track_running_stats and not self.freeze
+        return self._normalize(backend, x, out)
+
+    def _uses_batch_stats(self):
+        """Whether a forward now normalizes with the batch's statistics."""
+        return ((self.training and not self.freeze)
+                or not self.track_running_stats)
+
+    def _normalize(self, backend, x, out, moments=None):
+        """The validated forward; saves what :meth:`backward` needs.
+
+        ``moments``: the statistics of a larger batch ``x`` belongs to
+        (``cpu.forward_batch_stats``).
+        """
+        batch_stats = self._uses_batch_stats()
+        update = batch_stats and self.track_running_stats
         momentum, cumulative = self._running_average()
         y, save_mean, save_invstd = normalize(
             backend, x, self.weight, self.bias, self.eps, batch_stats,
             self.running_mean if update or not batch_stats else None,
             self.running_var if update or not batch_stats else None,
             self.num_batches_tracked if update else None, momentum,
-            cumulative, out)
+            cumulative, out, moments)
         self._saved = (x, save_mean, save_invstd, batch_stats)
         return y
 

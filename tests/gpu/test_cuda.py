@@ -209,3 +209,25 @@ def test_out_on_gpu(sliced, rng):
                                rtol=1e-10, atol=1e-10)
     if sliced:  # the elements between the slices were left alone
         np.testing.assert_array_equal(got[:, :, 1::2], 0)
+
+
+def test_sync_batch_norm_reduces_on_the_device(rng):
+    """SyncBatchNorm's GPU path (device partial sums, host staging) on one
+    rank equals the reference batch norm; the MPI tests cover many ranks."""
+    mpi = pytest.importorskip("mpi4py.MPI")
+    shape = (3, 2, 2, 3)
+    x, dy = rng.normal(5, 2, shape), rng.normal(0, 1, shape)
+    bn = nbn.SyncBatchNorm(2, comm=mpi.COMM_SELF, device="cuda",
+                           dtype="float64")
+    y = bn(cuda.to_device(x))
+    dx = bn.backward(cuda.to_device(dy))
+    mean, var = ref.batch_stats(x)
+    dx_ref, dw_ref, db_ref = ref.backward_batch_stats(dy, x)
+    running_mean, running_var = ref.running_update(np.zeros(2), np.ones(2), x,
+                                                   0.1)
+    close(y, ref.forward(x, mean, var), np.float64, scale=5)
+    close(dx, dx_ref, np.float64, scale=5)
+    close(bn.grad_weight, dw_ref, np.float64, scale=x.size)
+    close(bn.grad_bias, db_ref, np.float64, scale=x.size)
+    close(bn.running_mean, running_mean, np.float64, scale=10)
+    close(bn.running_var, running_var, np.float64, scale=10)

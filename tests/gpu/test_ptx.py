@@ -80,3 +80,5 @@ def test_per_channel_kernels(dtype, optional):
                        (PARTIALS, PARTIALS, nt.int64, VEC, p, nt.boolean, p, p,
                         VEC, VEC, VEC))
     compile_kernel(backend._count_batch, (arr(nt.int64, 1),))
+    # SyncBatchNorm: per-channel totals of the partial sums.
+    compile_kernel(backend._merge_partials, (PARTIALS, PARTIALS, VEC, VEC))
