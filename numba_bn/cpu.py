@@ -53,6 +53,9 @@ _REDUCTION_FLAGS = {"reassoc", "contract"}
 # L2 cache, and there are enough chunks to balance the threads. The chunking
 # depends on the shape alone, so results do not depend on the thread count.
 _ROWS_CHUNK_ELEMENTS = 32768
+# Positions a channel-innermost reduction sums before updating its
+# per-channel accumulators.
+_ROWS_UNROLL = 4
 
 
 # --------------------------------------------------------------------------
@@ -104,7 +107,9 @@ def _channel_partials_rows(xp, dyp, center, moments, psum, psumprod):
 
     Takes position-major views ``(N, R, S, C)``; partial row ``p`` sums the
     ``p``-th chunk of positions, every channel at once, so the inner loop
-    runs along the contiguous channel axis.
+    runs along the contiguous channel axis. Positions are summed
+    ``_ROWS_UNROLL`` at a time in registers before they meet the per-channel
+    accumulators, whose loads and stores otherwise bound the loop.
     """
     n_samples, rows, cols, n_channels = xp.shape
     positions = n_samples * rows * cols
@@ -122,12 +127,25 @@ def _channel_partials_rows(xp, dyp, center, moments, psum, psumprod):
             n, r, first, last = line_segment(j, stop, rows, cols)
             x_line = xp[n, r]
             dy_line = dyp[n, r]
-            for s in range(first, last):
-                x_row = x_line[s]
-                dy_row = dy_line[s]
+            full = first + (last - first) // _ROWS_UNROLL * _ROWS_UNROLL
+            for s in range(first, full, _ROWS_UNROLL):
+                # A constant trip count: LLVM unrolls the position loop and
+                # vectorizes over the channels.
                 for c in range(n_channels):
-                    u, uv = _channel.partial_terms(x_row[c], dy_row[c],
-                                                   k[c], moments)
+                    t1 = 0.0
+                    t2 = 0.0
+                    for q in range(_ROWS_UNROLL):
+                        u, uv = _channel.partial_terms(
+                            x_line[s + q, c], dy_line[s + q, c], k[c],
+                            moments)
+                        t1 += u
+                        t2 += uv
+                    s1[c] += t1
+                    s2[c] += t2
+            for s in range(full, last):
+                for c in range(n_channels):
+                    u, uv = _channel.partial_terms(
+                        x_line[s, c], dy_line[s, c], k[c], moments)
                     s1[c] += u
                     s2[c] += uv
             j += last - first
