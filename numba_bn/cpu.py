@@ -56,6 +56,9 @@ _ROWS_CHUNK_ELEMENTS = 32768
 # Positions a channel-innermost reduction sums before updating its
 # per-channel accumulators.
 _ROWS_UNROLL = 4
+# Dense channel-innermost data with fewer channels is walked in rows of
+# several positions, at least this many values long.
+_ROWS_MIN_LENGTH = 256
 
 
 # --------------------------------------------------------------------------
@@ -269,52 +272,75 @@ def _launch(kernel, x4, *args):
 
 
 def _position_major(*arrays4):
-    """``(N, R, S, C)`` views of ``(N, C, R, S)`` arrays.
+    """``(N, R, S, C)`` views of ``(N, C, R, S)`` arrays, and their grouping.
 
     C-contiguous for dense channels-last data, so Numba knows the unit
-    stride; when all of them are, one line ``(1, 1, N*R*S, C)`` (a reshape,
-    no copy) so that the kernels slice once per chunk, not once per sample.
+    stride; when all of them are, one line of rows (a reshape, no copy) so
+    that the kernels slice once per chunk, not once per sample. Rows then
+    hold ``group`` consecutive positions, ``group * C`` values, where ``C``
+    is small: the kernels slice once per row, and a row of 16 values costs
+    a slice per 16 values. Per-channel vectors must then be tiled
+    ``group`` times, and partial sums come out ``group`` per chunk.
+
+    Returns
+    -------
+    views : list of numpy.ndarray
+    group : int
     """
     views = [a4.transpose(0, 2, 3, 1) for a4 in arrays4]
-    if all(v.flags.c_contiguous for v in views):
-        n_samples, rows, cols, n_channels = views[0].shape
-        return [v.reshape(1, 1, n_samples * rows * cols, n_channels)
-                for v in views]
-    return views
+    if not all(v.flags.c_contiguous for v in views):
+        return views, 1
+    n_samples, rows, cols, n_channels = views[0].shape
+    positions = n_samples * rows * cols
+    group = max(1, _ROWS_MIN_LENGTH // n_channels)
+    while positions % group:
+        group -= 1
+    return [v.reshape(1, 1, positions // group, group * n_channels)
+            for v in views], group
 
 
-def _row_chunks(x4):
-    """Chunks of positions for a channel-innermost pass over ``x4``."""
-    n_samples, n_channels, rows, cols = x4.shape
+def _row_chunks(xp):
+    """Chunks of rows for a channel-innermost pass over position-major ``xp``."""
+    n_samples, rows, cols, width = xp.shape
     positions = n_samples * rows * cols
     return max(1, min(positions,
-                      -(-positions * n_channels // _ROWS_CHUNK_ELEMENTS)))
+                      -(-positions * width // _ROWS_CHUNK_ELEMENTS)))
+
+
+def _tiled(vector, group):
+    """A per-channel vector for rows of ``group`` positions."""
+    return vector if group == 1 else np.tile(vector, group)
 
 
 def _partials(x4, dy4, center, moments, rows_layout):
     """Partial sums of every channel as two ``(P, C)`` float64 arrays.
 
     Per plane (P = N) when a channel's values are contiguous, per chunk of
-    positions when the channel axis is (``rows_layout``).
+    positions (and position in a row group) when the channel axis is
+    (``rows_layout``).
     """
     n_channels = x4.shape[1]
-    parts = _row_chunks(x4) if rows_layout else x4.shape[0]
-    psum = np.empty((parts, n_channels))
-    psumprod = np.empty((parts, n_channels))
-    if rows_layout:
-        _launch(_channel_partials_rows, *_position_major(x4, dy4), center,
-                moments, psum, psumprod)
-    else:
+    if not rows_layout:
+        psum, psumprod = np.empty((2, x4.shape[0], n_channels))
         _launch(_channel_partials, x4, dy4, center, moments, psum, psumprod)
-    return psum, psumprod
+        return psum, psumprod
+    (xp, dyp), group = _position_major(x4, dy4)
+    chunks = _row_chunks(xp)
+    psum, psumprod = np.empty((2, chunks, group * n_channels))
+    _launch(_channel_partials_rows, xp, dyp, _tiled(center, group), moments,
+            psum, psumprod)
+    # (chunks, group * C) is (chunks * group, C): one partial row each.
+    return (psum.reshape(chunks * group, n_channels),
+            psumprod.reshape(chunks * group, n_channels))
 
 
 def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, rows_layout):
     """``out4 = (x4 - mean) * scale + offset [+ gain * dy4]``, layout-wise."""
     if rows_layout:
-        xp, dyp, outp = _position_major(x4, dy4, out4)
-        _launch(_affine_pass_rows, xp, mean, scale, offset, dyp, gain,
-                with_dy, outp, _row_chunks(x4))
+        (xp, dyp, outp), group = _position_major(x4, dy4, out4)
+        _launch(_affine_pass_rows, xp, _tiled(mean, group),
+                _tiled(scale, group), _tiled(offset, group), dyp,
+                _tiled(gain, group), with_dy, outp, _row_chunks(xp))
     else:
         _launch(_affine_pass, x4, mean, scale, offset, dy4, gain, with_dy,
                 out4)
