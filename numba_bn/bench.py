@@ -185,6 +185,22 @@ def time_interleaved(contenders, rounds, min_sample=2e-3):
             faults / calls)
 
 
+def compiled_here():
+    """Names of the CPU kernels this process compiled instead of loading
+    them from Numba's cache.
+
+    Parallel code that Numba has just compiled can run several times
+    slower than the same code loaded from the cache (numba issue #10617;
+    4x measured here on channels-last float32 passes), so timings taken in
+    a process that compiled are not representative.
+    """
+    from numba_bn import cpu
+    kernels = [value for value in vars(cpu).values()
+               if isinstance(value, numba.core.registry.CPUDispatcher)]
+    return sorted(kernel.__name__ for kernel in kernels
+                  if kernel.stats.cache_misses)
+
+
 def small_calls(torch, rounds):
     """Module call (validation, dispatch, launch) against PyTorch's module."""
     results = []
@@ -424,6 +440,12 @@ def main(argv=None):
                        "machine": platform.processor() or platform.machine(),
                        "date": time.strftime("%Y-%m-%d"),
                        "cases": results, "module_calls": calls}, f, indent=1)
+    compiled = compiled_here()
+    if compiled:
+        print(f"\nwarning: this process compiled {', '.join(compiled)} instead "
+              "of loading them from Numba's cache; freshly compiled parallel "
+              "code can run slower: run the command again for representative "
+              "times")
     if wrong:
         print(f"{len(wrong)} results differ from the reference", file=sys.stderr)
         return 1
