@@ -45,15 +45,18 @@ def partial_terms(x, dy, k, moments):
 
 
 @register_jitable
-def affine_element(x, dy, c, mean, scale, offset, gain, with_dy):
+def affine_element(x, dy, mean, scale, offset, gain, with_dy):
     """``(x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``.
 
     float64 arithmetic: ``x - mean`` must not round the mean to the input's
-    precision (mean 1e4 in float32 is off by up to 5e-4).
+    precision (mean 1e4 in float32 is off by up to 5e-4). The coefficients
+    are the element's channel's values: a plane kernel reads them once per
+    plane, so that LLVM need not prove that the output never overlaps them
+    (it vectorizes a loop with a few runtime overlap checks, not with many).
     """
-    v = (np.float64(x) - mean[c]) * scale[c] + offset[c]
+    v = (np.float64(x) - mean) * scale + offset
     if with_dy:
-        v += gain[c] * np.float64(dy)
+        v += gain * np.float64(dy)
     return v
 
 

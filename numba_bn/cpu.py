@@ -97,11 +97,11 @@ def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4):
     for plane in prange(n_samples * n_channels):
         n = plane // n_channels
         c = plane - n * n_channels
+        m, sc, of, g = mean[c], scale[c], offset[c], gain[c]
         for r in range(rows):
             for s in range(cols):
                 out4[n, c, r, s] = _channel.affine_element(
-                    x4[n, c, r, s], dy4[n, c, r, s], c, mean, scale,
-                    offset, gain, with_dy)
+                    x4[n, c, r, s], dy4[n, c, r, s], m, sc, of, g, with_dy)
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
@@ -177,8 +177,8 @@ def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, with_dy, outp,
                 out_row = out_line[s]
                 for c in range(n_channels):
                     out_row[c] = _channel.affine_element(
-                        x_row[c], dy_row[c], c, mean, scale, offset,
-                        gain, with_dy)
+                        x_row[c], dy_row[c], mean[c], scale[c], offset[c],
+                        gain[c], with_dy)
             j += last - first
 
 

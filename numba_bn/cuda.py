@@ -124,8 +124,8 @@ def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4,
     for j in range(cuda.grid(1), total, cuda.gridsize(1)):
         n, c, r, s = _element_index(j, n_channels, rows, cols, channels_last)
         out4[n, c, r, s] = _channel.affine_element(
-            x4[n, c, r, s], dy4[n, c, r, s], c, mean, scale, offset, gain,
-            with_dy)
+            x4[n, c, r, s], dy4[n, c, r, s], mean[c], scale[c], offset[c],
+            gain[c], with_dy)
 
 
 @cuda.jit(cache=True)
