@@ -7,6 +7,7 @@ import threading
 import numpy as np
 
 import numba_bn as nbn
+from numba_bn import cpu
 
 
 def train_steps(seed, steps=5):
@@ -15,7 +16,8 @@ def train_steps(seed, steps=5):
     outputs = []
     for _ in range(steps):
         # Above the serial threshold: the threads race parallel launches.
-        x = rng.normal(seed, 1 + seed, (3, 4 + seed, 24, 20)).astype(np.float32)
+        x = rng.normal(seed, 1 + seed, (3, 4 + seed, 48, 64)).astype(np.float32)
+        assert x.size >= cpu._SERIAL_BELOW
         outputs.append(bn(x))
         outputs.append(bn.backward(np.ones_like(x)))
     return outputs, bn.state_dict()
@@ -50,7 +52,9 @@ FORK_SCRIPT = textwrap.dedent("""
     import numba_bn as nbn
 
     # Large enough for the parallel kernels (small inputs run serially).
-    x = np.random.default_rng(0).normal(3, 2, (8, 3, 32, 32)).astype(np.float32)
+    x = np.random.default_rng(0).normal(3, 2, (8, 3, 64, 64)).astype(np.float32)
+    from numba_bn import cpu
+    assert x.size >= cpu._SERIAL_BELOW
     parent = nbn.BatchNorm2d(3)(x)
     print("parent threading layer", numba.threading_layer())
     pid = os.fork()
