@@ -599,8 +599,9 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
         grad_weight, grad_bias = np.empty((2, n_channels),
                                           _compute_dtype(grad_dtype))
     scale, offset, gain = np.empty((3, n_channels))
-    _finish_backward(psum_dy, psum_dy_xmu, count, save_invstd, _computable(weight), batch_stats,
-                     grad_weight, grad_bias, scale, offset, gain)
+    _finish_backward(psum_dy, psum_dy_xmu, count, save_invstd,
+                     _computable(weight), batch_stats, grad_weight, grad_bias,
+                     scale, offset, gain)
     _affine(x4, save_mean, scale, offset, dy4, gain, True, dx4, rows_layout)
     if grad_dtype is not None:
         grad_weight = _to_dtype(grad_weight, grad_dtype)
