@@ -72,6 +72,47 @@ def merged_sums(psum, psumprod, c):
 
 
 @register_jitable
+def merge_ranks(channels, gathered, moments, total, total_prod):
+    """Combine the per-channel sums of several processes, in rank order.
+
+    Row ``r`` of ``gathered`` is rank ``r``'s message: ``[ok, count, *a, *b]``
+    with ``moments`` (``a`` = shift, then its ``x - shift`` sums ``s1`` and
+    ``s2``: three ``C``-blocks), else ``[ok, count, *sum_a, *sum_b]`` (two).
+    Without ``moments`` the totals are plain sums. With ``moments`` they
+    are the whole batch's mean and ``m2``, the sum of squared deviations,
+    by Chan's merge: ``(n_a, mean_a, m2_a)`` and ``(n_b, mean_b, m2_b)``
+    with ``delta = mean_b - mean_a`` and ``n = n_a + n_b`` give
+    ``mean = mean_a + delta * n_b / n`` and
+    ``m2 = m2_a + m2_b + delta**2 * n_a * n_b / n``: no ``sum(x**2)``, so
+    nothing cancels when the mean is large. Every process merges the same
+    rows in the same order, so all get bit-identical statistics.
+    """
+    n_channels = total.shape[0]
+    first = 2 + n_channels if moments else 2
+    for c in channels:
+        count = 0.0
+        a = 0.0
+        b = 0.0
+        for r in range(gathered.shape[0]):
+            n = gathered[r, 1]
+            a_r = gathered[r, first + c]
+            b_r = gathered[r, first + n_channels + c]
+            if not moments:
+                a += a_r
+                b += b_r
+            elif n > 0:
+                mean_r = gathered[r, 2 + c] + a_r / n
+                m2_r = max(b_r - a_r * (a_r / n), 0.0)
+                merged = count + n
+                delta = mean_r - a
+                a += delta * (n / merged)
+                b += m2_r + delta * delta * (count * n / merged)
+            count += n
+        total[c] = a
+        total_prod[c] = b
+
+
+@register_jitable
 def affine(c, mean, invstd, weight, bias, scale, offset):
     """Fold normalization and affine map into ``y = (x - mean) * scale + offset``."""
     s = invstd

@@ -215,6 +215,13 @@ def _merge_partials(psum, psumprod, total, total_prod):
         total[c], total_prod[c] = _channel.merged_sums(psum, psumprod, c)
 
 
+@njit(cache=True)
+def _merge_ranks(gathered, moments, header, total, total_prod):
+    header[:, :] = gathered[:, :2]
+    _channel.merge_ranks(range(total.shape[0]), gathered, moments, total,
+                         total_prod)
+
+
 # --------------------------------------------------------------------------
 # launching
 
@@ -430,6 +437,11 @@ def _deliver(target, dtype, out):
     return out
 
 
+def empty(shape, dtype):
+    """An uninitialized array of this device."""
+    return np.empty(shape, dtype)
+
+
 def empty_like(x, dtype=None):
     """Uninitialized array of ``x``'s shape and memory order (channels-last stays).
 
@@ -460,6 +472,11 @@ def to_host(a):
 def copy_from_host(target, values):
     """Overwrite array ``target`` in place with host ``values`` of its shape."""
     target[...] = values
+
+
+def message_buffer(a):
+    """``a`` as an MPI buffer (SyncBatchNorm): ``a`` itself."""
+    return a
 
 
 # --------------------------------------------------------------------------
@@ -609,7 +626,7 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     return _deliver(dx, dy.dtype, out), grad_weight, grad_bias
 
 
-def channel_sums(x, dy, center, moments):
+def channel_sums(x, dy, center, moments, out=None):
     """Per-channel float64 totals of ``u`` and ``u * (x - center)``.
 
     ``u = x - center`` with ``moments``, else ``u = dy``: the two reductions
@@ -624,17 +641,72 @@ def channel_sums(x, dy, center, moments):
     center : numpy.ndarray
         ``(C,)`` float64.
     moments : bool
+    out : tuple of two numpy.ndarray, optional
+        ``(C,)`` float64 arrays to write the totals to.
 
     Returns
     -------
     total, total_prod : numpy.ndarray
-        ``(C,)`` float64.
+        ``(C,)`` float64 (``out`` when given).
     """
     x, dy = _computable(x), _computable(dy)
     # x is its own target here: the views are read, nothing is written.
     _, (x4, dy4, _) = _views([x, dy], x)
     psum, psumprod = _partials(x4, dy4, center, moments,
                                is_channels_last(x4.shape, x4.strides))
-    total, total_prod = np.empty((2, x4.shape[1]))
+    total, total_prod = np.empty((2, x4.shape[1])) if out is None else out
     _merge_partials(psum, psumprod, total, total_prod)
     return total, total_prod
+
+
+def merge_ranks(gathered, moments):
+    """Whole-batch totals from every process's per-channel sums (SyncBatchNorm).
+
+    Parameters
+    ----------
+    gathered : numpy.ndarray
+        ``(P, L)`` float64, one message per process in rank order:
+        ``[ok, count, *shift, *s1, *s2]`` with ``moments``, else
+        ``[ok, count, *sum_a, *sum_b]`` (see ``_channel.merge_ranks``).
+    moments : bool
+
+    Returns
+    -------
+    header : numpy.ndarray
+        ``(P, 2)`` float64: each process's ``ok`` flag and value count.
+    total, total_prod : numpy.ndarray
+        ``(C,)`` float64: the whole batch's mean and sum of squared
+        deviations with ``moments``, else the two sums.
+    """
+    n_channels = (gathered.shape[1] - 2) // (3 if moments else 2)
+    header = np.empty((gathered.shape[0], 2))
+    total, total_prod = np.empty((2, n_channels))
+    _merge_ranks(gathered, moments, header, total, total_prod)
+    return header, total, total_prod
+
+
+def parameter_gradients(sum_dy, sum_dy_xmu, save_invstd, grad_dtype):
+    """``grad_weight`` and ``grad_bias`` from a batch's gradient sums.
+
+    Parameters
+    ----------
+    sum_dy, sum_dy_xmu : numpy.ndarray
+        ``(C,)`` float64 sums of ``dy`` and ``dy * (x - save_mean)``.
+    save_invstd : numpy.ndarray
+        The statistics the forward used.
+    grad_dtype : numpy.dtype
+
+    Returns
+    -------
+    grad_weight, grad_bias : numpy.ndarray
+        ``sum_dy_xmu * save_invstd`` and ``sum_dy``, in ``grad_dtype``.
+    """
+    n_channels = sum_dy.shape[0]
+    grad_weight, grad_bias = np.empty((2, n_channels),
+                                      _compute_dtype(grad_dtype))
+    scale, offset, gain = np.empty((3, n_channels))
+    _finish_backward(sum_dy.reshape(1, n_channels),
+                     sum_dy_xmu.reshape(1, n_channels), 1,
+                     _computable(save_invstd), None, False, grad_weight,
+                     grad_bias, scale, offset, gain)
+    return _to_dtype(grad_weight, grad_dtype), _to_dtype(grad_bias, grad_dtype)

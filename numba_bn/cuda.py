@@ -169,6 +169,17 @@ def _merge_partials(psum, psumprod, total, total_prod):
 
 
 @cuda.jit(cache=True)
+def _merge_ranks(gathered, moments, header, total, total_prod):
+    i = cuda.grid(1)
+    if i < gathered.shape[0]:
+        header[i, 0] = gathered[i, 0]
+        header[i, 1] = gathered[i, 1]
+    if i < total.shape[0]:
+        _channel.merge_ranks(range(i, i + 1), gathered, moments, total,
+                             total_prod)
+
+
+@cuda.jit(cache=True)
 def _count_batch(num_batches_tracked):
     # A kernel of its own: _finish_batch_stats reads the old count in every
     # channel, so it cannot also increment it without a race.
@@ -237,7 +248,8 @@ def _strided_view(a, shape, strides):
     return _DeviceArray(shape, strides, a.dtype, gpu_data=a.gpu_data)
 
 
-def _empty(shape, dtype):
+def empty(shape, dtype):
+    """An uninitialized array of this device (CuPy's when CuPy is installed)."""
     cupy = _cupy()
     if cupy is not None:
         return cupy.empty(shape, dtype)
@@ -292,9 +304,9 @@ def _views(inputs, out):
     if geometry is None:
         contiguous = []
         for a in arrays[:-1]:
-            contiguous.append(_kernel_view(_empty(a.shape, a.dtype)))
+            contiguous.append(_kernel_view(empty(a.shape, a.dtype)))
             _copy(a, contiguous[-1])
-        target = _empty(target.shape, target.dtype)
+        target = empty(target.shape, target.dtype)
         arrays = contiguous + [_kernel_view(target)]
         geometry = canonical_geometry(target.shape, [a.strides for a in arrays])
     shape4, strides4 = geometry
@@ -322,7 +334,7 @@ def empty_like(x, dtype=None):
     """
     perm = output_order(x.shape, x.strides)
     inv = inverse(perm)
-    base = _empty(tuple(x.shape[p] for p in perm), dtype or x.dtype)
+    base = empty(tuple(x.shape[p] for p in perm), dtype or x.dtype)
     if _cupy() is not None:
         return base.transpose(inv)
     return _strided_view(base, tuple(base.shape[i] for i in inv),
@@ -356,6 +368,20 @@ def copy_from_host(target, values):
         _kernel_view(target).copy_to_device(values, stream=_stream())
 
 
+def message_buffer(a):
+    """``a`` as an MPI buffer (SyncBatchNorm), once the kernels writing it are done.
+
+    A CUDA-aware MPI reads and writes device memory through
+    ``__cuda_array_interface__`` but knows nothing of streams, so the
+    current stream is synchronized first. The simulator's device arrays are
+    host memory without that interface: their NumPy array stands in.
+    """
+    _stream().synchronize()
+    if _SIMULATOR:
+        return _kernel_view(a)._ary
+    return a
+
+
 def _launch_affine(x4, mean, scale, offset, dy4, gain, with_dy, out4):
     total = math.prod(x4.shape)
     tpb = config.threads_per_block
@@ -371,7 +397,7 @@ def _launch_partials(x4, dy4, center, moments):
     count = n_samples * rows * cols
     blocks = max(1, min(-(-count // tpb),
                         config.reduction_blocks // n_channels))
-    psum, psumprod = _rows(_empty((2, blocks, n_channels), np.float64))
+    psum, psumprod = _rows(empty((2, blocks, n_channels), np.float64))
     _launch(_channel_partials, (blocks, min(n_channels, _MAX_GRID_Y)), tpb,
             x4, dy4, center, moments, psum, psumprod, shared_bytes=2 * tpb * 8)
     return psum, psumprod
@@ -406,7 +432,7 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
         psum = from_host(np.zeros((1, n_channels)))
         psumsq = _kernel_view(m2).reshape(1, n_channels)
     save_mean, save_invstd, scale, offset = _rows(
-        _empty((4, n_channels), np.float64))
+        empty((4, n_channels), np.float64))
     counter = (None if num_batches_tracked is None
                else _strided_view(num_batches_tracked, (1,), (8,)))
     _launch_per_channel(
@@ -429,7 +455,7 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
     y, (x4, y4) = _views([x], out)
     n_channels = x4.shape[1]
     save_mean, save_invstd, scale, offset = _rows(
-        _empty((4, n_channels), np.float64))
+        empty((4, n_channels), np.float64))
     _launch_per_channel(_finish_running_stats, n_channels, running_mean,
                         running_var, weight, bias, eps, save_mean,
                         save_invstd, scale, offset)
@@ -455,11 +481,11 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
         psum_dy, psum_dy_xmu = _launch_partials(x4, dy4, save_mean, False)
     else:
         # Constant statistics and no parameter gradient: dx = gain * dy.
-        psum_dy = psum_dy_xmu = _empty((0, n_channels), np.float64)
+        psum_dy = psum_dy_xmu = empty((0, n_channels), np.float64)
     grad_weight = grad_bias = None
     if grad_dtype is not None:
-        grad_weight, grad_bias = _rows(_empty((2, n_channels), grad_dtype))
-    scale, offset, gain = _rows(_empty((3, n_channels), np.float64))
+        grad_weight, grad_bias = _rows(empty((2, n_channels), grad_dtype))
+    scale, offset, gain = _rows(empty((3, n_channels), np.float64))
     _launch_per_channel(
         _finish_backward, n_channels, psum_dy, psum_dy_xmu, count,
         save_invstd, weight, batch_stats, grad_weight, grad_bias, scale,
@@ -468,7 +494,7 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     return _deliver(dx, out), grad_weight, grad_bias
 
 
-def channel_sums(x, dy, center, moments):
+def channel_sums(x, dy, center, moments, out=None):
     """Per-channel float64 totals of ``u`` and ``u * (x - center)``.
 
     Same parameters and returns as :func:`numba_bn.cpu.channel_sums`, with
@@ -478,7 +504,39 @@ def channel_sums(x, dy, center, moments):
     _, (x4, dy4, _) = _views([x, dy], x)
     n_channels = x4.shape[1]
     psum, psumprod = _launch_partials(x4, dy4, center, moments)
-    total, total_prod = _rows(_empty((2, n_channels), np.float64))
+    total, total_prod = (_rows(empty((2, n_channels), np.float64))
+                         if out is None else out)
     _launch_per_channel(_merge_partials, n_channels, psum, psumprod, total,
                         total_prod)
     return total, total_prod
+
+
+def merge_ranks(gathered, moments):
+    """Whole-batch totals from every process's per-channel sums (SyncBatchNorm).
+
+    Same parameters and returns as :func:`numba_bn.cpu.merge_ranks`, with
+    device arrays.
+    """
+    n_ranks, length = gathered.shape
+    n_channels = (length - 2) // (3 if moments else 2)
+    header = empty((n_ranks, 2), np.float64)
+    total, total_prod = _rows(empty((2, n_channels), np.float64))
+    _launch_per_channel(_merge_ranks, max(n_ranks, n_channels), gathered,
+                        moments, header, total, total_prod)
+    return header, total, total_prod
+
+
+def parameter_gradients(sum_dy, sum_dy_xmu, save_invstd, grad_dtype):
+    """``grad_weight`` and ``grad_bias`` from a batch's gradient sums.
+
+    Same parameters and returns as :func:`numba_bn.cpu.parameter_gradients`,
+    with device arrays.
+    """
+    n_channels = sum_dy.shape[0]
+    grad_weight, grad_bias = _rows(empty((2, n_channels), grad_dtype))
+    scale, offset, gain = _rows(empty((3, n_channels), np.float64))
+    _launch_per_channel(
+        _finish_backward, n_channels, _kernel_view(sum_dy).reshape(1, n_channels),
+        _kernel_view(sum_dy_xmu).reshape(1, n_channels), 1, save_invstd, None,
+        False, grad_weight, grad_bias, scale, offset, gain)
+    return grad_weight, grad_bias

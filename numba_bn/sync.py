@@ -9,9 +9,13 @@ collective on per-channel vectors; eval and frozen modules communicate
 nothing. mpi4py is imported when the first SyncBatchNorm is built, not with
 numba_bn.
 """
+import ctypes
+import os
+
 import numpy as np
 
-from ._dispatch import backend_for
+from . import cpu
+from ._dispatch import backend_for, backend_named
 from .functional import check_gradient, check_output, gradients
 from .modules import _BatchNorm
 
@@ -34,50 +38,27 @@ def _first_sample(x):
     return x[(0, slice(None)) + (0,) * (x.ndim - 2)]
 
 
-def merge_moments(parts):
-    """Chan's pairwise merge of per-rank ``(count, mean, m2)``, in rank order.
+def _mpi_reads_gpu_memory(mpi):
+    """Whether the MPI library takes CUDA device buffers (is CUDA-aware).
 
-    ``m2`` is the sum of squared deviations from the mean. Merging
-    ``(n_a, mean_a, m2_a)`` and ``(n_b, mean_b, m2_b)`` with
-    ``delta = mean_b - mean_a`` and ``n = n_a + n_b`` gives
-    ``mean = mean_a + delta * n_b / n`` and
-    ``m2 = m2_a + m2_b + delta**2 * n_a * n_b / n``: no ``sum(x**2)``, so
-    nothing cancels when the mean is large. Every rank merges the same
-    parts in the same order, so all get bit-identical statistics.
-
-    Parameters
-    ----------
-    parts : list of (int, numpy.ndarray, numpy.ndarray)
-        Per rank: the value count per channel and ``(C,)`` float64 mean and
-        ``m2`` (zeros for an empty shard).
-
-    Returns
-    -------
-    count : int
-    mean, m2 : numpy.ndarray or float
-        ``(C,)`` float64 (the float ``0.0`` when every count is 0).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from numba_bn.sync import merge_moments
-    >>> a, b = np.array([1.0, 2.0]), np.array([6.0])
-    >>> parts = [(v.size, np.array([v.mean()]), np.array([((v - v.mean())**2).sum()]))
-    ...          for v in (a, b)]
-    >>> count, mean, m2 = merge_moments(parts)
-    >>> count, mean, m2 / count          # mean 3, biased variance 14/3
-    (3, array([3.]), array([4.66666667]))
+    ``NUMBA_BN_CUDA_AWARE_MPI=1`` (or ``0``) decides; otherwise the
+    library's ``MPIX_Query_cuda_support()`` (Open MPI, MPICH) answers, and
+    a library without that function counts as not CUDA-aware.
     """
-    count, mean, m2 = 0, 0.0, 0.0
-    for n, mean_k, m2_k in parts:
-        if n == 0:
-            continue
-        total = count + n
-        delta = mean_k - mean
-        mean = mean + delta * (n / total)
-        m2 = m2 + m2_k + delta * delta * (count * n / total)
-        count = total
-    return count, mean, m2
+    setting = os.environ.get("NUMBA_BN_CUDA_AWARE_MPI", "")
+    if setting not in ("", "0", "1"):
+        raise ValueError(
+            f"NUMBA_BN_CUDA_AWARE_MPI must be 0 or 1, got {setting!r}")
+    if setting:
+        return setting == "1"
+    try:
+        # The extension module's handle also finds the symbols of the MPI
+        # library it links.
+        query = ctypes.CDLL(mpi.__file__).MPIX_Query_cuda_support
+    except (OSError, AttributeError):
+        return False
+    query.restype = ctypes.c_int
+    return bool(query())
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -93,11 +74,15 @@ class SyncBatchNorm(_BatchNorm):
     rank's shard only, as in PyTorch: averaging (or summing) them across
     ranks is the training framework's job.
 
-    Each training forward makes one collective (every rank's count, mean
-    and sum of squared deviations per channel, merged with Chan's formula)
-    and each backward one (the two gradient sums per channel); eval mode
-    and ``freeze`` communicate nothing. GPU inputs are reduced on the GPU;
-    the per-channel vectors travel through host memory.
+    Each training forward makes one collective (every rank's count and
+    shifted sums per channel, merged with Chan's formula) and each backward
+    one (the two gradient sums per channel); the first training forward
+    also checks that every rank has the same ``num_features``. Eval mode
+    and ``freeze`` communicate nothing. GPU inputs are reduced and merged
+    on the GPU; the collective takes device buffers when the MPI is
+    CUDA-aware (``MPIX_Query_cuda_support()``, or
+    ``NUMBA_BN_CUDA_AWARE_MPI=1``) and stages them through host memory
+    otherwise.
 
     Every rank of ``comm`` must call forward and backward the same number
     of times, in the same mode. A rank whose input is invalid raises its
@@ -153,6 +138,9 @@ class SyncBatchNorm(_BatchNorm):
                          track_running_stats, bias=bias, freeze=freeze,
                          device=device, dtype=dtype)
         self.comm = mpi.COMM_WORLD if comm is None else comm
+        # Whether the collectives take GPU buffers; None until the first
+        # exchange (_agree_on_channels).
+        self._gpu_buffers = None
 
     def forward(self, x, *, out=None):
         """Normalize ``x``, this rank's shard of the batch.
@@ -181,23 +169,23 @@ class SyncBatchNorm(_BatchNorm):
         """
         if not self._uses_batch_stats():
             return super().forward(x, out=out)
+        backend, gathered = self._exchange_buffer(3)
         try:
-            backend, x = backend_for(x)
-            self._check_input(x, backend)
+            input_backend, x = backend_for(x)
+            self._check_input(x, input_backend)
             out = check_output(out, x, [x], backend)
-            local = self._local_moments(backend, x)
+            self._write_moments(backend, x, gathered[self.comm.rank])
         except Exception:
-            self._exchange(None)
+            self._exchange(backend, gathered, False, True)
             raise
-        count, mean, m2 = merge_moments(self._exchange(local))
+        count, mean, m2 = self._exchange(backend, gathered, True, True)
         if count == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, got 1 "
                 "in the batches of all ranks together")
         if count == 0:  # every shard empty: nothing changes, as in BatchNorm
             return self._normalize(backend, x, out)
-        return self._normalize(backend, x, out, moments=(
-            count, backend.from_host(mean), backend.from_host(m2)))
+        return self._normalize(backend, x, out, moments=(count, mean, m2))
 
     def backward(self, dy, *, out=None):
         """This rank's slice of the whole batch's input gradient.
@@ -230,75 +218,122 @@ class SyncBatchNorm(_BatchNorm):
             # Constant statistics, or a batch empty on every rank: nothing
             # to share.
             return super().backward(dy, out=out)
-        backend = self._backend
+        backend, gathered = self._exchange_buffer(2)
+        own = gathered[self.comm.rank]
         try:
             dy = check_gradient(dy, x, backend)
             out = check_output(out, dy, [dy, x], backend)
-            count, sum_dy, sum_dy_xmu = self._local_gradient_sums(
-                backend, x, dy, save_mean)
+            self._write_gradient_sums(backend, x, dy, save_mean, own)
         except Exception:
-            self._exchange(None)
+            self._exchange(backend, gathered, False, False)
             raise
-        parts = self._exchange((count, sum_dy, sum_dy_xmu))
-        total = tuple(sum(part[i] for part in parts) for i in range(3))
-        dx, _, _ = gradients(
-            backend, dy, x, self.weight, save_mean, save_invstd, True, None,
-            out, sums=(total[0], backend.from_host(total[1]),
-                       backend.from_host(total[2])))
-        self.grad_weight = self.grad_bias = None
-        if self.weight is not None:
-            invstd = backend.to_host(save_invstd)
-            self.grad_weight = backend.from_host(
-                (sum_dy_xmu * invstd).astype(self.dtype))
-        if self.bias is not None:
-            self.grad_bias = backend.from_host(sum_dy.astype(self.dtype))
+        sums = self._exchange(backend, gathered, True, False)
+        dx, _, _ = gradients(backend, dy, x, self.weight, save_mean,
+                             save_invstd, True, None, out, sums=sums)
+        grad_weight, grad_bias = backend.parameter_gradients(
+            own[2:2 + self.num_features], own[2 + self.num_features:],
+            save_invstd, self.dtype)
+        self.grad_weight = None if self.weight is None else grad_weight
+        self.grad_bias = None if self.bias is None else grad_bias
         return dx
 
-    def _exchange(self, payload):
-        """The call's one collective: every rank's ``payload`` in rank order.
+    def _exchange_buffer(self, blocks):
+        """This call's message buffer and the backend it lives on.
 
-        ``payload`` None says that this rank failed; it gets None back and
-        raises its own error. The others raise here, all alike, so no rank
-        is left waiting in a later collective.
+        ``(ranks, 2 + blocks * C)`` float64 on the module's device (also
+        when the input turns out to be elsewhere, so that the call still
+        makes the same collective as its peers); row ``comm.rank`` is this
+        rank's message, ``[ok, count]`` and ``blocks`` per-channel vectors.
         """
-        gathered = self.comm.allgather((self.num_features, payload))
-        if payload is None:
-            return None
-        failed = [rank for rank, (_, part) in enumerate(gathered)
-                  if part is None]
-        if failed:
-            raise RuntimeError(
-                f"SyncBatchNorm: rank(s) {failed} of the communicator raised "
-                "in this call (see their error); nothing was changed")
-        channels = [c for c, _ in gathered]
+        self._agree_on_channels()
+        backend = backend_named(self.device)
+        return backend, backend.empty(
+            (self.comm.size, 2 + blocks * self.num_features), np.float64)
+
+    def _agree_on_channels(self):
+        """Check once, in a collective of its own, that every rank has this ``C``.
+
+        The per-call collectives exchange buffers whose size follows from
+        ``C``: ranks that disagree would meet an MPI error or a hang there,
+        not a message. Also asks whether the MPI reads GPU memory.
+        """
+        if self._gpu_buffers is not None:
+            return
+        channels = self.comm.allgather(self.num_features)
         if len(set(channels)) > 1:
             raise ValueError(
                 "SyncBatchNorm: num_features differs between the ranks of "
                 f"the communicator (in rank order: {channels})")
-        return [part for _, part in gathered]
+        self._gpu_buffers = _mpi_reads_gpu_memory(_mpi())
 
-    def _local_moments(self, backend, x):
-        """This shard's ``(count, mean, m2)`` per channel, on the host."""
-        n_channels = x.shape[1]
-        count = x.size // n_channels
-        if count == 0:
-            return 0, np.zeros(n_channels), np.zeros(n_channels)
-        # Sums about a sample of each channel do not cancel (see
-        # cpu.forward_batch_stats).
-        shift = np.asarray(backend.to_host(_first_sample(x)), np.float64)
-        s1, s2 = backend.channel_sums(x, x, backend.from_host(shift), True)
-        s1, s2 = backend.to_host(s1), backend.to_host(s2)
-        mean = shift + s1 / count
-        return count, mean, np.maximum(s2 - s1 * (s1 / count), 0.0)
+    def _exchange(self, backend, gathered, ok, moments):
+        """The call's one collective: every rank's row of ``gathered``.
 
-    def _local_gradient_sums(self, backend, x, dy, save_mean):
-        """``(count, sum(dy), sum(dy * (x - mean)))`` of this shard, on the host."""
-        n_channels = x.shape[1]
+        A rank whose own work failed (``ok`` False) sends a row flagged as
+        failed, gets None back and raises its own error; the others raise
+        here, all alike, so no rank is left waiting in a later collective.
+
+        Returns
+        -------
+        count : int
+            Values per channel in the whole batch.
+        total, total_prod : array
+            ``(C,)`` float64 on ``backend``: see :func:`numba_bn.cpu.merge_ranks`.
+        """
+        own = gathered[self.comm.rank]
+        if not ok:
+            backend.copy_from_host(own, np.zeros(own.shape[0]))
+        in_place = _mpi().IN_PLACE
+        if backend is cpu or self._gpu_buffers:
+            self.comm.Allgather(in_place, backend.message_buffer(gathered))
+        else:  # staged through host memory
+            staged = np.empty(gathered.shape)
+            staged[self.comm.rank] = backend.to_host(own)
+            self.comm.Allgather(in_place, staged)
+            gathered = backend.from_host(staged)
+        if not ok:
+            return None
+        header, total, total_prod = backend.merge_ranks(gathered, moments)
+        header = backend.to_host(header)
+        failed = np.flatnonzero(header[:, 0] == 0).tolist()
+        if failed:
+            raise RuntimeError(
+                f"SyncBatchNorm: rank(s) {failed} of the communicator raised "
+                "in this call (see their error); nothing was changed")
+        return int(header[:, 1].sum()), total, total_prod
+
+    def _write_moments(self, backend, x, own):
+        """This shard's message: ``[1, count, *shift, *s1, *s2]``.
+
+        ``s1``, ``s2``: per-channel sums of ``x - shift`` and its square,
+        about a sample of each channel so that they do not cancel (see
+        :func:`numba_bn.cpu.forward_batch_stats`).
+        """
+        n_channels = self.num_features
         count = x.size // n_channels
-        if count == 0:
-            return 0, np.zeros(n_channels), np.zeros(n_channels)
-        sums = backend.channel_sums(x, dy, save_mean, False)
-        return (count,) + tuple(backend.to_host(s) for s in sums)
+        head = np.zeros(2 + n_channels)
+        head[:2] = 1, count
+        if count:
+            head[2:] = backend.to_host(_first_sample(x))
+        backend.copy_from_host(own[:2 + n_channels], head)
+        if count:
+            backend.channel_sums(x, x, own[2:2 + n_channels], True, out=(
+                own[2 + n_channels:2 + 2 * n_channels],
+                own[2 + 2 * n_channels:]))
+        else:
+            backend.copy_from_host(own[2 + n_channels:],
+                                   np.zeros(2 * n_channels))
+
+    def _write_gradient_sums(self, backend, x, dy, save_mean, own):
+        """This shard's message: ``[1, count, *sum(dy), *sum(dy * (x - mean))]``."""
+        n_channels = self.num_features
+        count = x.size // n_channels
+        head = np.zeros(2 + (0 if count else 2 * n_channels))
+        head[:2] = 1, count
+        backend.copy_from_host(own[:head.size], head)
+        if count:
+            backend.channel_sums(x, dy, save_mean, False, out=(
+                own[2:2 + n_channels], own[2 + n_channels:]))
 
 
 def convert_sync_batchnorm(module, comm=None):

@@ -18,3 +18,13 @@ TOLERANCE = {np.float16: 2e-2, np.float32: 2e-5, np.float64: 1e-10}
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261123)
+
+
+@pytest.fixture
+def tiny_launches(monkeypatch):
+    """GPU launch settings shrunk so that a few elements already span
+    several blocks, a ragged last block and grid-stride loops."""
+    from numba_bn import config
+    monkeypatch.setattr(config, "threads_per_block", 4)
+    monkeypatch.setattr(config, "reduction_blocks", 6)
+    monkeypatch.setattr(config, "element_blocks", 3)

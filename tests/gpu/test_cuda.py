@@ -2,8 +2,8 @@
 
 Runs under Numba's CUDA simulator in a pytest process of its own
 (``NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/gpu``), or on a real GPU.
-Launch settings are shrunk so that a few elements already span several
-blocks, a ragged last block and grid-stride loops.
+Launch settings are shrunk (``tiny_launches``) so that a few elements
+already span several blocks, a ragged last block and grid-stride loops.
 """
 import numba
 import numpy as np
@@ -11,26 +11,18 @@ import pytest
 from numba import cuda
 
 import numba_bn as nbn
-from numba_bn import config
 
 from .. import reference as ref
 from ..conftest import TOLERANCE
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
-pytestmark = pytest.mark.skipif(
-    not SIMULATOR and not cuda.is_available(),
-    reason="no GPU: run under NUMBA_ENABLE_CUDASIM=1")
+pytestmark = [pytest.mark.skipif(not SIMULATOR and not cuda.is_available(),
+                                 reason="no GPU: run under NUMBA_ENABLE_CUDASIM=1"),
+              pytest.mark.usefixtures("tiny_launches")]
 
 MODULES = {2: nbn.BatchNorm1d, 3: nbn.BatchNorm1d, 4: nbn.BatchNorm2d,
            5: nbn.BatchNorm3d}
 SHAPES = [(5, 3), (2, 3, 5), (3, 2, 2, 3), (2, 2, 2, 1, 3)]
-
-
-@pytest.fixture(autouse=True)
-def tiny_launches(monkeypatch):
-    monkeypatch.setattr(config, "threads_per_block", 4)
-    monkeypatch.setattr(config, "reduction_blocks", 6)
-    monkeypatch.setattr(config, "element_blocks", 3)
 
 
 def host(a):

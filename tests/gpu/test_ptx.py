@@ -80,5 +80,13 @@ def test_per_channel_kernels(dtype, optional):
                        (PARTIALS, PARTIALS, nt.int64, VEC, p, nt.boolean, p, p,
                         VEC, VEC, VEC))
     compile_kernel(backend._count_batch, (arr(nt.int64, 1),))
-    # SyncBatchNorm: per-channel totals of the partial sums.
+    # SyncBatchNorm: per-channel totals of the partial sums, the merge of
+    # the ranks' messages, and the parameter gradients of local sums.
     compile_kernel(backend._merge_partials, (PARTIALS, PARTIALS, VEC, VEC))
+    compile_kernel(backend._merge_ranks,
+                   (PARTIALS, nt.boolean, PARTIALS, VEC, VEC))
+    for param in PARAM_DTYPES[dtype]:
+        compile_kernel(backend._finish_backward,
+                       (PARTIALS, PARTIALS, nt.int64, VEC, nt.none,
+                        nt.boolean, arr(param, 1), arr(param, 1), VEC, VEC,
+                        VEC))
