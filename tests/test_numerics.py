@@ -36,10 +36,20 @@ def test_large_mean_float32_no_worse_than_torch(rng, channels_last):
     assert ours <= 1e-6  # float32 output rounding, nothing more
 
 
-def test_large_mean_statistics_and_backward(rng):
-    x = hard_input(rng, (32, 4, 9), mean=1e6)  # float32 still holds std 1 at 1e6
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+def test_large_mean_statistics_and_backward(rng, layout):
+    # float32 still holds std 1 at 1e6, where its mean rounds by up to 0.03:
+    # each kernel family (planes, channels-last, (N, C) rows) must not lose
+    # that in the forward's shift nor in the backward's centering.
+    if layout == "rows":
+        x = hard_input(rng, (4096, 4), mean=1e6)
+    else:
+        x = hard_input(rng, (32, 4, 9, 5), mean=1e6)
+    if layout == "channels_last":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    x[0] += np.float32(50.0)  # the first sample, an outlier
     dy = rng.normal(size=x.shape).astype(np.float32)
-    bn = nbn.BatchNorm1d(4)
+    bn = (nbn.BatchNorm1d if x.ndim == 2 else nbn.BatchNorm2d)(4)
     y = bn(x)
     mean, var = ref.batch_stats(x)
     np.testing.assert_allclose(bn.running_mean, 0.1 * mean, rtol=1e-6)
@@ -82,3 +92,28 @@ def test_float16_statistics_accumulate_wide(rng):
     mean, var = ref.batch_stats(x)
     np.testing.assert_allclose(y, ref.forward(x, mean, var), atol=1e-2)
     np.testing.assert_allclose(bn.running_mean, 0.1 * mean, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+def test_channel_sums_about_any_center(rng, layout):
+    """The backends' shifted sums (SyncBatchNorm exchanges them) are float64
+    sums about the float64 center given, also one that float32 cannot hold."""
+    from numba_bn import cpu
+    x = hard_input(rng, (4096, 4) if layout == "rows" else (16, 4, 9, 5))
+    if layout == "channels_last":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    axes = (0,) + tuple(range(2, x.ndim))
+    mean = x.astype(np.float64).mean(axis=axes)
+    center = mean + 0.3 + 1e-9 * np.arange(4)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    u = x.astype(np.float64) - center.reshape((1, 4) + (1,) * (x.ndim - 2))
+    for moments, weight in ((True, u), (False, dy.astype(np.float64))):
+        total, total_prod = cpu.channel_sums(x, x if moments else dy, center,
+                                             moments)
+        np.testing.assert_allclose(total, weight.sum(axis=axes),
+                                   rtol=1e-9, atol=1e-9 * x.size)
+        # float64 sums: rounding far below float32's, relative to the
+        # terms' magnitude (the total may cancel).
+        terms = weight * u
+        np.testing.assert_allclose(total_prod, terms.sum(axis=axes), rtol=0,
+                                   atol=1e-12 * np.abs(terms).sum(axis=axes).max())
