@@ -174,7 +174,7 @@ class SyncBatchNorm(_BatchNorm):
             input_backend, x = backend_for(x)
             self._check_input(x, input_backend)
             out = check_output(out, x, [x], backend)
-            self._write_moments(backend, x, gathered[self.comm.rank])
+            self._write_sums(backend, gathered[self.comm.rank], x, x, None)
         except Exception:
             self._exchange(backend, gathered, False, True)
             raise
@@ -223,18 +223,20 @@ class SyncBatchNorm(_BatchNorm):
         try:
             dy = check_gradient(dy, x, backend)
             out = check_output(out, dy, [dy, x], backend)
-            self._write_gradient_sums(backend, x, dy, save_mean, own)
+            self._write_sums(backend, own, x, dy, save_mean)
         except Exception:
             self._exchange(backend, gathered, False, False)
             raise
         sums = self._exchange(backend, gathered, True, False)
         dx, _, _ = gradients(backend, dy, x, self.weight, save_mean,
                              save_invstd, True, None, out, sums=sums)
-        grad_weight, grad_bias = backend.parameter_gradients(
-            own[2:2 + self.num_features], own[2 + self.num_features:],
-            save_invstd, self.dtype)
-        self.grad_weight = None if self.weight is None else grad_weight
-        self.grad_bias = None if self.bias is None else grad_bias
+        self.grad_weight = self.grad_bias = None
+        if self.weight is not None:
+            grad_weight, grad_bias = backend.parameter_gradients(
+                own[2:2 + self.num_features], own[2 + self.num_features:],
+                save_invstd, self.dtype)
+            self.grad_weight = grad_weight
+            self.grad_bias = grad_bias if self.bias is not None else None
         return dx
 
     def _exchange_buffer(self, blocks):
@@ -282,7 +284,7 @@ class SyncBatchNorm(_BatchNorm):
         """
         own = gathered[self.comm.rank]
         if not ok:
-            backend.copy_from_host(own, np.zeros(own.shape[0]))
+            _write_blank(backend, own, ok)
         in_place = _mpi().IN_PLACE
         if backend is cpu or self._gpu_buffers:
             self.comm.Allgather(in_place, backend.message_buffer(gathered))
@@ -302,38 +304,38 @@ class SyncBatchNorm(_BatchNorm):
                 "in this call (see their error); nothing was changed")
         return int(header[:, 1].sum()), total, total_prod
 
-    def _write_moments(self, backend, x, own):
-        """This shard's message: ``[1, count, *shift, *s1, *s2]``.
+    def _write_sums(self, backend, own, x, dy, center):
+        """This shard's message, into ``own``.
 
-        ``s1``, ``s2``: per-channel sums of ``x - shift`` and its square,
-        about a sample of each channel so that they do not cancel (see
-        :func:`numba_bn.cpu.forward_batch_stats`).
+        Forward (``center`` None): ``[1, count, *shift, *s1, *s2]``, with
+        ``s1``, ``s2`` the per-channel sums of ``x - shift`` and its square
+        about a sample of each channel, so that they do not cancel (see
+        :func:`numba_bn.cpu.forward_batch_stats`). Backward (``center`` the
+        forward's mean): ``[1, count, *sum(dy), *sum(dy * (x - center))]``.
         """
+        moments = center is None
         n_channels = self.num_features
         count = x.size // n_channels
-        head = np.zeros(2 + n_channels)
+        if count == 0:
+            _write_blank(backend, own, True)
+            return
+        head = np.empty(2 + (n_channels if moments else 0))
         head[:2] = 1, count
-        if count:
+        if moments:
             head[2:] = backend.to_host(_first_sample(x))
-        backend.copy_from_host(own[:2 + n_channels], head)
-        if count:
-            backend.channel_sums(x, x, own[2:2 + n_channels], True, out=(
-                own[2 + n_channels:2 + 2 * n_channels],
-                own[2 + 2 * n_channels:]))
-        else:
-            backend.copy_from_host(own[2 + n_channels:],
-                                   np.zeros(2 * n_channels))
-
-    def _write_gradient_sums(self, backend, x, dy, save_mean, own):
-        """This shard's message: ``[1, count, *sum(dy), *sum(dy * (x - mean))]``."""
-        n_channels = self.num_features
-        count = x.size // n_channels
-        head = np.zeros(2 + (0 if count else 2 * n_channels))
-        head[:2] = 1, count
+            center = own[2:head.size]
         backend.copy_from_host(own[:head.size], head)
-        if count:
-            backend.channel_sums(x, dy, save_mean, False, out=(
-                own[2:2 + n_channels], own[2 + n_channels:]))
+        sums = own[head.size:]
+        backend.channel_sums(x, dy, center, moments,
+                             out=(sums[:n_channels], sums[n_channels:]))
+
+
+def _write_blank(backend, own, ok):
+    """A message without sums, ``[ok, 0, 0, ...]``: an empty shard's, or a
+    failed rank's (``ok`` False)."""
+    blank = np.zeros(own.shape[0])
+    blank[0] = ok
+    backend.copy_from_host(own, blank)
 
 
 def convert_sync_batchnorm(module, comm=None):

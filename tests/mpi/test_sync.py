@@ -133,22 +133,35 @@ def test_hard_input_statistics_do_not_cancel():
     assert np.abs(y - expected).max() <= 1e-6 * np.abs(expected).max()
 
 
+def train_step_matches_reference(bn, sizes, seed, rank):
+    """One float64 training step of ``bn`` on this rank's shard of a
+    2-channel batch, against the reference on the whole batch."""
+    x, dy = whole_batch(sizes, (2, 3), False, np.float64, seed=seed)
+    y = bn(shard(x, sizes, rank))
+    dx = bn.backward(shard(dy, sizes, rank))
+    mean, var = ref.batch_stats(x)
+    dx_ref, _, _ = ref.backward_batch_stats(dy, x)
+    close(y, shard(ref.forward(x, mean, var), sizes, rank), np.float64)
+    close(dx, shard(dx_ref, sizes, rank), np.float64)
+
+
 def test_sub_communicators_share_statistics_within_themselves():
     color = WORLD.rank % 2
     comm = WORLD.Split(color, WORLD.rank)
     try:
-        sizes = [2 + r for r in range(comm.size)]
         # Each group its own batch: another seed per color.
-        x, dy = whole_batch(sizes, (2, 3), False, np.float64, seed=20 + color)
-        bn = nbn.SyncBatchNorm(2, comm=comm, dtype="float64")
-        y = bn(shard(x, sizes, comm.rank))
-        dx = bn.backward(shard(dy, sizes, comm.rank))
-        mean, var = ref.batch_stats(x)
-        dx_ref, _, _ = ref.backward_batch_stats(dy, x)
-        close(y, shard(ref.forward(x, mean, var), sizes, comm.rank), np.float64)
-        close(dx, shard(dx_ref, sizes, comm.rank), np.float64)
+        train_step_matches_reference(
+            nbn.SyncBatchNorm(2, comm=comm, dtype="float64"),
+            [2 + r for r in range(comm.size)], 20 + color, comm.rank)
     finally:
         comm.Free()
+
+
+def test_without_affine_parameters_there_are_no_parameter_gradients():
+    bn = nbn.SyncBatchNorm(2, affine=False, dtype="float64")
+    train_step_matches_reference(bn, shard_sizes("unequal", WORLD.size), 30,
+                                 WORLD.rank)
+    assert bn.grad_weight is None and bn.grad_bias is None
 
 
 def test_whole_batch_of_one_value_per_channel_raises_on_every_rank():
