@@ -12,6 +12,8 @@ Kernels walk either planes ``(n, c)`` (when a channel's values are
 contiguous, NCHW) or positions ``(n, r, s)`` with all channels at once (when
 the channel axis is the contiguous one: channels-last, ``(N, C)``).
 """
+import functools
+
 from numba.extending import register_jitable
 
 
@@ -64,6 +66,10 @@ def merge_spatial(shape, strides_per_array):
     return merged[::-1]
 
 
+# Memoized: a training loop meets the same few geometries on every call,
+# and working one out in Python costs several microseconds, as much as a
+# small pass itself.
+@functools.lru_cache(maxsize=1024)
 def canonical_geometry(shape, strides_per_array):
     """Common shape and per-array strides of the ``(N, C, R, S)`` views.
 
@@ -74,13 +80,13 @@ def canonical_geometry(shape, strides_per_array):
     ----------
     shape : tuple of int
         The arrays' common shape ``(N, C, *spatial)``.
-    strides_per_array : list of tuple of int
+    strides_per_array : tuple of tuple of int
         Each array's strides.
 
     Returns
     -------
     tuple or None
-        ``((N, C, R, S), [(sN, sC, sR, sS), ...])``, or ``None`` when the
+        ``((N, C, R, S), ((sN, sC, sR, sS), ...))``, or ``None`` when the
         spatial axes do not merge into two (a 3-d input sliced in all three
         spatial axes): the caller then works on contiguous copies.
     """
@@ -91,10 +97,11 @@ def canonical_geometry(shape, strides_per_array):
     merged = [(1, unit)] * (2 - len(merged)) + merged
     (rows, row_strides), (cols, col_strides) = merged
     return ((shape[0], shape[1], rows, cols),
-            [(st[0], st[1], r, c) for st, r, c
-             in zip(strides_per_array, row_strides, col_strides)])
+            tuple((st[0], st[1], r, c) for st, r, c
+                  in zip(strides_per_array, row_strides, col_strides)))
 
 
+@functools.lru_cache(maxsize=1024)
 def is_channels_last(shape, strides):
     """Whether the channel axis has the smallest stride of the non-trivial axes.
 
@@ -110,6 +117,7 @@ def is_channels_last(shape, strides):
     return bool(others) and abs(strides[1]) < min(others)
 
 
+@functools.lru_cache(maxsize=1024)
 def output_order(shape, strides):
     """Axis order in which to allocate an output like the input.
 
@@ -126,6 +134,7 @@ def output_order(shape, strides):
     return tuple(range(ndim))
 
 
+@functools.lru_cache(maxsize=64)
 def inverse(perm):
     """The permutation that undoes ``perm``."""
     inv = [0] * len(perm)

@@ -316,9 +316,18 @@ def _row_chunks(xp):
                       -(-positions * width // _ROWS_CHUNK_ELEMENTS)))
 
 
-def _tiled(vector, group):
-    """A per-channel vector for rows of ``group`` positions."""
-    return vector if group == 1 else np.tile(vector, group)
+def _tiled(group, *vectors):
+    """Per-channel vectors repeated for rows of ``group`` positions.
+
+    One allocation for all of them: ``numpy.tile`` costs 2 us a vector,
+    as much as a small pass.
+    """
+    if group == 1:
+        return vectors
+    tiled = np.empty((len(vectors), group, vectors[0].shape[0]))
+    for rows, vector in zip(tiled, vectors):
+        rows[...] = vector
+    return tiled.reshape(len(vectors), -1)
 
 
 def _partials(x4, dy4, center, moments, rows_layout):
@@ -336,8 +345,8 @@ def _partials(x4, dy4, center, moments, rows_layout):
     (xp, dyp), group = _position_major(x4, dy4)
     chunks = _row_chunks(xp)
     psum, psumprod = np.empty((2, chunks, group * n_channels))
-    _launch(_channel_partials_rows, xp, dyp, _tiled(center, group), moments,
-            psum, psumprod)
+    (center,) = _tiled(group, center)
+    _launch(_channel_partials_rows, xp, dyp, center, moments, psum, psumprod)
     # (chunks, group * C) is (chunks * group, C): one partial row each.
     return (psum.reshape(chunks * group, n_channels),
             psumprod.reshape(chunks * group, n_channels))
@@ -347,9 +356,9 @@ def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, rows_layout):
     """``out4 = (x4 - mean) * scale + offset [+ gain * dy4]``, layout-wise."""
     if rows_layout:
         (xp, dyp, outp), group = _position_major(x4, dy4, out4)
-        _launch(_affine_pass_rows, xp, _tiled(mean, group),
-                _tiled(scale, group), _tiled(offset, group), dyp,
-                _tiled(gain, group), with_dy, outp, _row_chunks(xp))
+        mean, scale, offset, gain = _tiled(group, mean, scale, offset, gain)
+        _launch(_affine_pass_rows, xp, mean, scale, offset, dyp, gain,
+                with_dy, outp, _row_chunks(xp))
     else:
         _launch(_affine_pass, x4, mean, scale, offset, dy4, gain, with_dy,
                 out4)
@@ -417,12 +426,14 @@ def _views(inputs, out):
         shape = target.shape
         shape4 = shape[:2] + (1, target.size // max(1, shape[0] * shape[1]))
         return target, [a.reshape(shape4) for a in arrays]
-    geometry = canonical_geometry(target.shape, [a.strides for a in arrays])
+    geometry = canonical_geometry(target.shape,
+                                  tuple(a.strides for a in arrays))
     if geometry is None:
         arrays = [np.ascontiguousarray(a) for a in inputs]
         target = np.empty(target.shape, compute_dtype)
         arrays.append(target)
-        geometry = canonical_geometry(target.shape, [a.strides for a in arrays])
+        geometry = canonical_geometry(target.shape,
+                                      tuple(a.strides for a in arrays))
     shape4 = geometry[0]
     # A reshape is a view here (the geometry says the axes merge) and far
     # cheaper than as_strided; size-1 axes take whatever stride it gives.

@@ -272,7 +272,7 @@ def _copy(src, dst):
     for d in range(src.shape[2]):
         src_d, dst_d = src[:, :, d], dst[:, :, d]
         shape4, (src4, dst4) = canonical_geometry(
-            src_d.shape, [src_d.strides, dst_d.strides])
+            src_d.shape, (src_d.strides, dst_d.strides))
         src4 = _strided_view(src_d, shape4, src4)
         _launch_affine(src4, mean, scale, offset, src4, scale, False,
                        _strided_view(dst_d, shape4, dst4))
@@ -300,7 +300,8 @@ def _views(inputs, out):
     """
     target = empty_like(inputs[0]) if out is None else out
     arrays = [_kernel_view(a) for a in inputs + [target]]
-    geometry = canonical_geometry(target.shape, [a.strides for a in arrays])
+    geometry = canonical_geometry(target.shape,
+                                  tuple(a.strides for a in arrays))
     if geometry is None:
         contiguous = []
         for a in arrays[:-1]:
@@ -308,7 +309,8 @@ def _views(inputs, out):
             _copy(a, contiguous[-1])
         target = empty(target.shape, target.dtype)
         arrays = contiguous + [_kernel_view(target)]
-        geometry = canonical_geometry(target.shape, [a.strides for a in arrays])
+        geometry = canonical_geometry(target.shape,
+                                      tuple(a.strides for a in arrays))
     shape4, strides4 = geometry
     return target, [_strided_view(a, shape4, st)
                     for a, st in zip(arrays, strides4)]
