@@ -15,8 +15,9 @@ Numba's on-disk cache keys a kernel on its own source file only: after
 editing this module, delete ``numba_bn/__pycache__`` (installed packages are
 not edited, so users never meet stale kernels).
 
-Partial sums arrive as ``(P, C)`` float64 arrays: one row per image plane on
-the CPU, one per thread block on the GPU.
+Partial sums arrive as ``(P, C)`` float64 arrays: one row per thread block
+on the GPU; the CPU adds its rows (per plane or chunk) first, in the same
+order, and passes one (``cpu._row_totals``).
 """
 import math
 
