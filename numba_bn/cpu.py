@@ -67,44 +67,126 @@ _ROWS_MIN_LENGTH = 256
 # --------------------------------------------------------------------------
 # kernels
 
+@njit(inline="always")
+def _plane_sums(x4, dy4, n, c, k, moments, rows, cols):
+    """Float64 sums of ``u`` and ``u * (x - k)`` over the plane ``(n, c)``.
+
+    ``u = x - k`` with ``moments``, else ``u = dy``. Elements are indexed
+    with 4-d tuples, not through row slices: a slice costs as much as a
+    short row (7x7 planes ran 2x slower), and LLVM vectorizes the innermost
+    axis either way. Inlined into each kernel (a call per 7x7 plane ran
+    2x slower), so the kernel must carry ``_REDUCTION_FLAGS``. ``rows``,
+    ``cols``: ``x4.shape[2:]``, read once by the kernel.
+    """
+    s1 = 0.0
+    s2 = 0.0
+    for r in range(rows):
+        for s in range(cols):
+            u, uv = _channel.partial_terms(x4[n, c, r, s], dy4[n, c, r, s], k,
+                                           moments)
+            s1 += u
+            s2 += uv
+    return s1, s2
+
+
+@njit(inline="always")
+def _plane_affine(x4, n, c, mean, scale, offset, dy4, gain, with_dy, out4,
+                  rows, cols):
+    """``out = (x - mean) * scale + offset [+ gain * dy]`` on the plane
+    ``(n, c)`` (``rows``, ``cols`` as in ``_plane_sums``)."""
+    for r in range(rows):
+        for s in range(cols):
+            out4[n, c, r, s] = _channel.affine_element(
+                x4[n, c, r, s], dy4[n, c, r, s], mean, scale, offset, gain,
+                with_dy)
+
+
+@njit(inline="always")
+def _channel_totals(x4, dy4, c, k, moments, totals, rows, cols):
+    """``totals[:, c]``: channel ``c``'s sums of ``_plane_sums``, all planes."""
+    s1 = 0.0
+    s2 = 0.0
+    for n in range(x4.shape[0]):
+        t1, t2 = _plane_sums(x4, dy4, n, c, k, moments, rows, cols)
+        s1 += t1
+        s2 += t2
+    totals[0, c] = s1
+    totals[1, c] = s2
+
+
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
 def _channel_partials(x4, dy4, center, moments, psum, psumprod):
-    """``psum[n, c] = sum(u)``, ``psumprod[n, c] = sum(u * (x - center[c]))``.
+    """``psum[n, c] = sum(u)``, ``psumprod[n, c] = sum(u * (x - center[c]))``
+    for every plane (see ``_plane_sums``)."""
+    n_samples, n_channels, rows, cols = x4.shape
+    for plane in prange(n_samples * n_channels):
+        n = plane // n_channels
+        c = plane - n * n_channels
+        psum[n, c], psumprod[n, c] = _plane_sums(
+            x4, dy4, n, c, np.float64(center[c]), moments, rows, cols)
 
-    ``u = x - center[c]`` with ``moments``, else ``u = dy``. Elements are
-    indexed with 4-d tuples, not through row slices: a slice costs as much
-    as a short row (7x7 planes ran 2x slower), and LLVM vectorizes the
-    innermost axis either way.
+
+@njit(parallel=True, cache=True)
+def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4):
+    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``.
+
+    The coefficients go to each plane as scalars (see
+    ``_channel.affine_element``).
     """
     n_samples, n_channels, rows, cols = x4.shape
     for plane in prange(n_samples * n_channels):
         n = plane // n_channels
         c = plane - n * n_channels
-        k = np.float64(center[c])
-        s1 = 0.0
-        s2 = 0.0
-        for r in range(rows):
-            for s in range(cols):
-                u, uv = _channel.partial_terms(x4[n, c, r, s],
-                                               dy4[n, c, r, s], k, moments)
-                s1 += u
-                s2 += uv
-        psum[n, c] = s1
-        psumprod[n, c] = s2
+        _plane_affine(x4, n, c, mean[c], scale[c], offset[c], dy4, gain[c],
+                      with_dy, out4, rows, cols)
 
 
-@njit(parallel=True, cache=True)
-def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4):
-    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``."""
+@njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
+def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
+                         num_batches_tracked, momentum, cumulative, shift,
+                         totals, save_mean, save_invstd, scale, offset, out4):
+    """Training forward, one channel per iteration: its shifted sums, its
+    statistics (``_channel.finish_batch_stats``), then its normalization
+    while its planes are still in the core's cache, so ``x`` comes from
+    memory once. ``shift`` and ``totals`` (2, C) are scratch.
+
+    Compiled with ``_REDUCTION_FLAGS`` for the sums: the normalization
+    may then fuse a multiply and an add, which rounds once instead of
+    twice (float64, before the output's rounding).
+    """
     n_samples, n_channels, rows, cols = x4.shape
-    for plane in prange(n_samples * n_channels):
-        n = plane // n_channels
-        c = plane - n * n_channels
-        m, sc, of, g = mean[c], scale[c], offset[c], gain[c]
-        for r in range(rows):
-            for s in range(cols):
-                out4[n, c, r, s] = _channel.affine_element(
-                    x4[n, c, r, s], dy4[n, c, r, s], m, sc, of, g, with_dy)
+    for c in prange(n_channels):
+        shift[c] = x4[0, c, 0, 0]
+        _channel_totals(x4, x4, c, shift[c], True, totals, rows, cols)
+        _channel.finish_batch_stats(
+            range(c, c + 1), shift, totals[0:1], totals[1:2],
+            n_samples * rows * cols, weight, bias, eps, running_mean,
+            running_var, num_batches_tracked, momentum, cumulative,
+            save_mean, save_invstd, scale, offset)
+        for n in range(n_samples):
+            _plane_affine(x4, n, c, save_mean[c], scale[c], offset[c], x4,
+                          0.0, False, out4, rows, cols)
+
+
+@njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
+def _backward_per_channel(x4, dy4, save_mean, save_invstd, weight,
+                          batch_stats, grad_weight, grad_bias, totals, scale,
+                          offset, gain, dx4):
+    """Backward, one channel per iteration: its gradient sums, its
+    coefficients (``_channel.finish_backward``), then its ``dx`` while
+    ``x`` and ``dy`` are still in the core's cache (see
+    ``_forward_per_channel``). ``totals`` (2, C) is scratch."""
+    n_samples, n_channels, rows, cols = x4.shape
+    for c in prange(n_channels):
+        mean = np.float64(save_mean[c])
+        _channel_totals(x4, dy4, c, mean, False, totals, rows, cols)
+        _channel.finish_backward(
+            range(c, c + 1), totals[0:1], totals[1:2],
+            n_samples * rows * cols, save_invstd, weight, batch_stats,
+            grad_weight, grad_bias, scale, offset, gain)
+        for n in range(n_samples):
+            _plane_affine(x4, n, c, mean, scale[c], offset[c], dy4, gain[c],
+                          True, dx4, rows, cols)
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
@@ -268,7 +350,8 @@ def _serial_twin(kernel):
 
 _SERIAL_TWINS = {kernel: _serial_twin(kernel)
                  for kernel in (_channel_partials, _channel_partials_rows,
-                                _affine_pass, _affine_pass_rows)}
+                                _affine_pass, _affine_pass_rows,
+                                _forward_per_channel, _backward_per_channel)}
 _launch_lock = threading.Lock()
 _parallel_unsafe = False
 
@@ -302,6 +385,23 @@ def _launch(kernel, x4, *args):
         kernel = _SERIAL_TWINS[kernel]
     with _launch_lock:
         kernel(x4, *args)
+
+
+# Inputs whose channel (its planes in all inputs of a pass) holds at most
+# this many bytes are normalized one channel per iteration
+# (``_forward_per_channel``, ``_backward_per_channel``): the channel's second
+# pass then reads the core's L2 cache (1 MiB per core on the EPYC measured,
+# half of it left for the output) instead of memory.
+_PER_CHANNEL_BYTES = 512 * 1024
+
+
+def _per_channel(x4, inputs, rows_layout):
+    """Whether a pass over ``inputs`` arrays like ``x4`` runs per channel:
+    planes (not the channel-innermost layout), and a channel that fits
+    ``_PER_CHANNEL_BYTES``."""
+    n_samples, n_channels, rows, cols = x4.shape
+    return (not rows_layout and inputs * n_samples * rows * cols
+            * x4.itemsize <= _PER_CHANNEL_BYTES)
 
 
 def _position_major(*arrays4):
@@ -553,30 +653,39 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     y, (x4, y4) = _views([_computable(x)], out)
     n_samples, n_channels, rows, cols = x4.shape
     rows_layout = is_channels_last(x4.shape, x4.strides)
-    if moments is None:
-        # Sums of x - shift with a sample of each channel as its shift;
-        # float64 like the backward's mean, so both passes share one
-        # compiled kernel.
-        shift = x4[0, :, 0, 0].astype(np.float64)
-        psum, psumsq = _partials(x4, x4, shift, True, rows_layout)
-        count = n_samples * rows * cols
-    else:
-        # Sums about the mean itself: the first is 0, the second is m2.
-        count, shift, m2 = moments
-        psum, psumsq = np.zeros((1, n_channels)), m2.reshape(1, n_channels)
     save_mean, save_invstd, scale, offset = np.empty((4, n_channels))
+    weight, bias = _computable(weight), _computable(bias)
     rm, rv = _computable(running_mean), _computable(running_var)
     counter = (None if num_batches_tracked is None
                else num_batches_tracked.reshape(1))
-    _finish_batch_stats(shift, psum, psumsq, count, _computable(weight),
-                        _computable(bias), eps, rm, rv, counter, momentum,
-                        cumulative, save_mean, save_invstd, scale, offset)
+    if moments is None and _per_channel(x4, 1, rows_layout):
+        _launch(_forward_per_channel, x4, weight, bias, eps, rm, rv, counter,
+                momentum, cumulative, np.empty(n_channels),
+                np.empty((2, n_channels)), save_mean, save_invstd, scale,
+                offset, y4)
+    else:
+        if moments is None:
+            # Sums of x - shift with a sample of each channel as its
+            # shift; float64 like the backward's mean, so both passes
+            # share one compiled kernel.
+            shift = x4[0, :, 0, 0].astype(np.float64)
+            psum, psumsq = _partials(x4, x4, shift, True, rows_layout)
+            count = n_samples * rows * cols
+        else:
+            # Sums about the mean itself: the first is 0, the second is m2.
+            count, shift, m2 = moments
+            psum = np.zeros((1, n_channels))
+            psumsq = m2.reshape(1, n_channels)
+        _finish_batch_stats(shift, psum, psumsq, count, weight, bias, eps,
+                            rm, rv, counter, momentum, cumulative, save_mean,
+                            save_invstd, scale, offset)
+        _affine(x4, save_mean, scale, offset, x4, scale, False, y4,
+                rows_layout)
     if running_mean is not None:
         _write_back(running_mean, rm)
         _write_back(running_var, rv)
     if counter is not None:
         counter += 1
-    _affine(x4, save_mean, scale, offset, x4, scale, False, y4, rows_layout)
     return _deliver(y, x.dtype, out), save_mean, save_invstd
 
 
@@ -636,25 +745,33 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     n_samples, n_channels, rows, cols = x4.shape
     save_mean, save_invstd = _computable(save_mean), _computable(save_invstd)
     count = n_samples * rows * cols
-    if sums is not None:
-        count, sum_dy, sum_dy_xmu = sums
-        psum_dy = sum_dy.reshape(1, n_channels)
-        psum_dy_xmu = sum_dy_xmu.reshape(1, n_channels)
-    elif batch_stats or grad_dtype is not None:
-        psum_dy, psum_dy_xmu = _partials(x4, dy4, save_mean, False,
-                                         rows_layout)
-    else:
-        # Constant statistics and no parameter gradient: dx = gain * dy.
-        psum_dy = psum_dy_xmu = np.zeros((0, n_channels))
+    weight = _computable(weight)
     grad_weight = grad_bias = None
     if grad_dtype is not None:
         grad_weight, grad_bias = np.empty((2, n_channels),
                                           _compute_dtype(grad_dtype))
     scale, offset, gain = np.empty((3, n_channels))
-    _finish_backward(psum_dy, psum_dy_xmu, count, save_invstd,
-                     _computable(weight), batch_stats, grad_weight, grad_bias,
-                     scale, offset, gain)
-    _affine(x4, save_mean, scale, offset, dy4, gain, True, dx4, rows_layout)
+    reduces = sums is None and (batch_stats or grad_dtype is not None)
+    if reduces and _per_channel(x4, 2, rows_layout):
+        _launch(_backward_per_channel, x4, dy4, save_mean, save_invstd,
+                weight, batch_stats, grad_weight, grad_bias,
+                np.empty((2, n_channels)), scale, offset, gain, dx4)
+    else:
+        if sums is not None:
+            count, sum_dy, sum_dy_xmu = sums
+            psum_dy = sum_dy.reshape(1, n_channels)
+            psum_dy_xmu = sum_dy_xmu.reshape(1, n_channels)
+        elif reduces:
+            psum_dy, psum_dy_xmu = _partials(x4, dy4, save_mean, False,
+                                             rows_layout)
+        else:
+            # Constant statistics and no parameter gradient: dx = gain * dy.
+            psum_dy = psum_dy_xmu = np.zeros((0, n_channels))
+        _finish_backward(psum_dy, psum_dy_xmu, count, save_invstd, weight,
+                         batch_stats, grad_weight, grad_bias, scale, offset,
+                         gain)
+        _affine(x4, save_mean, scale, offset, dy4, gain, True, dx4,
+                rows_layout)
     if grad_dtype is not None:
         grad_weight = _to_dtype(grad_weight, grad_dtype)
         grad_bias = _to_dtype(grad_bias, grad_dtype)

@@ -46,10 +46,14 @@ def close(actual, expected, dtype, scale=1.0):
                                rtol=tol, atol=tol * scale)
 
 
-@pytest.fixture(params=["parallel", "serial"])
+@pytest.fixture(params=["parallel", "serial", "parallel two-pass"])
 def launch_policy(request, monkeypatch):
-    """Small inputs run the serial kernel twins; test the parallel ones too."""
-    monkeypatch.setattr(cpu, "_SERIAL_BELOW", 0 if request.param == "parallel" else 2**62)
+    """Small inputs run the serial kernel twins and, on planes, the
+    one-channel-per-iteration kernels; test the parallel and the two-pass
+    (statistics, then normalization) kernels too."""
+    monkeypatch.setattr(cpu, "_SERIAL_BELOW", 2**62 if request.param == "serial" else 0)
+    if request.param.endswith("two-pass"):
+        monkeypatch.setattr(cpu, "_PER_CHANNEL_BYTES", 0)
     return request.param
 
 
