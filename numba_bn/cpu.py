@@ -143,18 +143,20 @@ def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4):
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
 def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
-                         num_batches_tracked, momentum, cumulative, shift,
-                         totals, save_mean, save_invstd, scale, offset, out4):
+                         num_batches_tracked, momentum, cumulative, save_mean,
+                         save_invstd, scale, offset, out4):
     """Training forward, one channel per iteration: its shifted sums, its
     statistics (``_channel.finish_batch_stats``), then its normalization
     while its planes are still in the core's cache, so ``x`` comes from
-    memory once. ``shift`` and ``totals`` (2, C) are scratch.
+    memory once.
 
     Compiled with ``_REDUCTION_FLAGS`` for the sums: the normalization
     may then fuse a multiply and an add, which rounds once instead of
     twice (float64, before the output's rounding).
     """
     n_samples, n_channels, rows, cols = x4.shape
+    shift = np.empty(n_channels)
+    totals = np.empty((2, n_channels))
     for c in prange(n_channels):
         shift[c] = x4[0, c, 0, 0]
         _channel_totals(x4, x4, c, shift[c], True, totals, rows, cols)
@@ -170,13 +172,14 @@ def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
 def _backward_per_channel(x4, dy4, save_mean, save_invstd, weight,
-                          batch_stats, grad_weight, grad_bias, totals, scale,
-                          offset, gain, dx4):
+                          batch_stats, grad_weight, grad_bias, scale, offset,
+                          gain, dx4):
     """Backward, one channel per iteration: its gradient sums, its
     coefficients (``_channel.finish_backward``), then its ``dx`` while
     ``x`` and ``dy`` are still in the core's cache (see
-    ``_forward_per_channel``). ``totals`` (2, C) is scratch."""
+    ``_forward_per_channel``)."""
     n_samples, n_channels, rows, cols = x4.shape
+    totals = np.empty((2, n_channels))
     for c in prange(n_channels):
         mean = np.float64(save_mean[c])
         _channel_totals(x4, dy4, c, mean, False, totals, rows, cols)
@@ -660,9 +663,8 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
                else num_batches_tracked.reshape(1))
     if moments is None and _per_channel(x4, 1, rows_layout):
         _launch(_forward_per_channel, x4, weight, bias, eps, rm, rv, counter,
-                momentum, cumulative, np.empty(n_channels),
-                np.empty((2, n_channels)), save_mean, save_invstd, scale,
-                offset, y4)
+                momentum, cumulative, save_mean, save_invstd, scale, offset,
+                y4)
     else:
         if moments is None:
             # Sums of x - shift with a sample of each channel as its
@@ -754,8 +756,8 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     reduces = sums is None and (batch_stats or grad_dtype is not None)
     if reduces and _per_channel(x4, 2, rows_layout):
         _launch(_backward_per_channel, x4, dy4, save_mean, save_invstd,
-                weight, batch_stats, grad_weight, grad_bias,
-                np.empty((2, n_channels)), scale, offset, gain, dx4)
+                weight, batch_stats, grad_weight, grad_bias, scale, offset,
+                gain, dx4)
     else:
         if sums is not None:
             count, sum_dy, sum_dy_xmu = sums
