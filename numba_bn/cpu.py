@@ -15,6 +15,12 @@ each with a ``_rows`` twin that walks positions with the channel innermost
 (channels-last and ``(N, C)`` inputs). Forward and backward call the same
 compiled kernel with a flag, so a cold start compiles each once.
 
+On planes whose channel fits in the core's cache, a training forward or a
+backward instead runs one kernel, a channel per iteration
+(``_forward_per_channel``, ``_backward_per_channel``): the same plane loops
+(``_plane_sums``, ``_plane_affine``) with the per-channel formulas between
+them, so the second pass reads the cache, not memory.
+
 Per-channel work in between (``_channel.py``) is C-sized and runs serially:
 a parallel region costs more than it saves there.
 
