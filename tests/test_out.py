@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 
 import numba_bn as nbn
+from numba_bn import cpu
 
 from . import reference as ref
+from .conftest import TOLERANCE
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -66,3 +68,55 @@ def test_out_errors_change_nothing(rng):
 def test_empty_batch_with_out():
     out = np.empty((0, 2), np.float32)
     assert nbn.BatchNorm1d(2)(np.empty((0, 2), np.float32), out=out) is out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_streaming_stores_fill_out_exactly(dtype, layout, offset, per_channel,
+                                           rng, monkeypatch):
+    # Large outputs are written with nontemporal stores from each line's
+    # first cache line to its last full one; an out= view starting
+    # ``offset`` elements into its buffer moves those bounds. Every element
+    # must be right and nothing around the view touched.
+    monkeypatch.setattr(cpu, "_STREAM_BYTES", 0)
+    monkeypatch.setattr(cpu, "_STREAM_MIN_LINE", 0)
+    if not per_channel:
+        monkeypatch.setattr(cpu, "_PER_CHANNEL_BYTES", 0)
+    shape = (50, 70) if layout == "rows" else (3, 4, 10, 13)
+    x = rng.normal(2, 3, shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    memory_shape = shape
+    if layout == "channels_last":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        memory_shape = (3, 10, 13, 4)
+    size = x.size
+    weight = rng.normal(1, 0.2, shape[1]).astype(dtype)
+    bias = rng.normal(0, 1, shape[1]).astype(dtype)
+
+    def guarded_out():
+        buffer = np.full(size + 40, np.nan, dtype)
+        view = buffer[offset:offset + size].reshape(memory_shape)
+        if layout == "channels_last":
+            view = view.transpose(0, 3, 1, 2)
+        return buffer, view
+
+    y_buffer, y = guarded_out()
+    _, save_mean, save_invstd = nbn.batch_norm_forward_training(x, weight, bias, out=y)
+    dx_buffer, dx = guarded_out()
+    nbn.batch_norm_backward(dy, x, weight, save_mean, save_invstd, out=dx)
+    eval_buffer, y_eval = guarded_out()
+    mean, var = ref.batch_stats(x)
+    running_mean, running_var = mean.astype(dtype), (2 * var).astype(dtype)
+    nbn.batch_norm(x, running_mean, running_var, weight, bias, out=y_eval)
+
+    tol = TOLERANCE[dtype]
+    for buffer, actual, expected in [
+            (y_buffer, y, ref.forward(x, mean, var, weight, bias)),
+            (dx_buffer, dx, ref.backward_batch_stats(dy, x, weight)[0]),
+            (eval_buffer, y_eval, ref.forward(x, running_mean, running_var, weight, bias))]:
+        np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * 10)
+        outside = np.concatenate([buffer[:offset], buffer[offset + size:]])
+        assert np.isnan(outside).all()

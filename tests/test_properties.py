@@ -46,14 +46,20 @@ def close(actual, expected, dtype, scale=1.0):
                                rtol=tol, atol=tol * scale)
 
 
-@pytest.fixture(params=["parallel", "serial", "parallel two-pass"])
+@pytest.fixture(params=["parallel", "serial", "parallel two-pass",
+                        "serial streaming", "parallel two-pass streaming"])
 def launch_policy(request, monkeypatch):
     """Small inputs run the serial kernel twins and, on planes, the
-    one-channel-per-iteration kernels; test the parallel and the two-pass
-    (statistics, then normalization) kernels too."""
-    monkeypatch.setattr(cpu, "_SERIAL_BELOW", 2**62 if request.param == "serial" else 0)
-    if request.param.endswith("two-pass"):
+    one-channel-per-iteration kernels, with ordinary stores; test the
+    parallel and the two-pass (statistics, then normalization) kernels too,
+    and each family with the nontemporal stores of large outputs."""
+    monkeypatch.setattr(cpu, "_SERIAL_BELOW",
+                        2**62 if request.param.startswith("serial") else 0)
+    if "two-pass" in request.param:
         monkeypatch.setattr(cpu, "_PER_CHANNEL_BYTES", 0)
+    if request.param.endswith("streaming"):
+        monkeypatch.setattr(cpu, "_STREAM_BYTES", 0)
+        monkeypatch.setattr(cpu, "_STREAM_MIN_LINE", 0)
     return request.param
 
 
