@@ -56,7 +56,7 @@ def plot(run, dtype):
                       ha="right", fontsize=7)
     axes[0, 0].legend(fontsize=8)
     axes[0, 0].set_ylabel("ratio (lower is faster)")
-    axes[1, 0].set_ylabel("% (over 100: cache-resident)")
+    axes[1, 0].set_ylabel("% (over 100: cache, or streaming stores)")
     versions = run["versions"]
     fig.suptitle(f"{dtype}, {run['threads']} threads, copy bandwidth "
                  f"{run['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
