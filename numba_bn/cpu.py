@@ -266,16 +266,68 @@ def _channel_totals(x4, dy4, c, k, moments, totals, rows, cols):
     totals[1, c] = s2
 
 
+# A plane kernel walks chunks of consecutive planes of about this many
+# values in all, with a loop over samples and one over channels in each,
+# not one ``prange`` iteration per plane: splitting a plane index into ``n``
+# and ``c`` takes a division, and short planes show it (on (32, 512, 7, 7)
+# float32 the eval pass ran 50 instead of 64 us, the sums 67 instead of
+# 92 us; on (256, 64, 14, 14) float64 the sums 258 instead of 427 us).
+_PLANE_CHUNK_ELEMENTS = 4096
+
+
+@register_jitable
+def _plane_chunks(x4):
+    """``(chunks, per_chunk)``: ``x4``'s ``(n, c)`` planes, counted
+    ``n * C + c``, in chunks of ``per_chunk`` consecutive planes."""
+    n_samples, n_channels, rows, cols = x4.shape
+    planes = n_samples * n_channels
+    per_chunk = max(1, min(planes,
+                           _PLANE_CHUNK_ELEMENTS // max(1, rows * cols)))
+    return -(-planes // per_chunk), per_chunk
+
+
+@register_jitable
+def _chunk_channels(n, p, per_chunk, n_channels):
+    """``(first, stop)``: the channels of sample ``n`` in plane chunk ``p``."""
+    start = n * n_channels
+    return (max(0, p * per_chunk - start),
+            min(n_channels, (p + 1) * per_chunk - start))
+
+
+@register_jitable
+def _chunk_samples(p, per_chunk, n_samples, n_channels):
+    """The samples with planes in plane chunk ``p``, as a ``(first, stop)``."""
+    return (min(n_samples, p * per_chunk // n_channels),
+            min(n_samples, -(-(p + 1) * per_chunk // n_channels)))
+
+
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
 def _channel_partials(x4, dy4, center, moments, psum, psumprod):
     """``psum[n, c] = sum(u)``, ``psumprod[n, c] = sum(u * (x - center[c]))``
     for every plane (see ``_plane_sums``)."""
     n_samples, n_channels, rows, cols = x4.shape
-    for plane in prange(n_samples * n_channels):
-        n = plane // n_channels
-        c = plane - n * n_channels
-        psum[n, c], psumprod[n, c] = _plane_sums(
-            x4, dy4, n, c, np.float64(center[c]), moments, rows, cols)
+    chunks, per_chunk = _plane_chunks(x4)
+    for p in prange(chunks):
+        first_n, stop_n = _chunk_samples(p, per_chunk, n_samples, n_channels)
+        for n in range(first_n, stop_n):
+            first_c, stop_c = _chunk_channels(n, p, per_chunk, n_channels)
+            for c in range(first_c, stop_c):
+                psum[n, c], psumprod[n, c] = _plane_sums(
+                    x4, dy4, n, c, np.float64(center[c]), moments, rows,
+                    cols)
+
+
+@njit(inline="always")
+def _plane_chunk_affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, p,
+                        per_chunk, stream):
+    """``_affine_pass`` on plane chunk ``p`` (see ``_plane_chunks``)."""
+    n_samples, n_channels, rows, cols = x4.shape
+    first_n, stop_n = _chunk_samples(p, per_chunk, n_samples, n_channels)
+    for n in range(first_n, stop_n):
+        first_c, stop_c = _chunk_channels(n, p, per_chunk, n_channels)
+        for c in range(first_c, stop_c):
+            _plane_affine(x4, n, c, mean[c], scale[c], offset[c], dy4,
+                          gain[c], with_dy, out4, rows, cols, stream)
 
 
 @njit(parallel=True, cache=True)
@@ -286,23 +338,19 @@ def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4, stream):
     The coefficients go to each plane as scalars (see
     ``_channel.affine_element``).
     """
-    n_samples, n_channels, rows, cols = x4.shape
+    chunks, per_chunk = _plane_chunks(x4)
     # One loop per kind of store, the flag a constant in each: testing it
     # per plane, LLVM kept the streaming loops, and 7 x 7 planes ran 1.4x
     # slower without streaming.
     if stream:
-        for plane in prange(n_samples * n_channels):
-            n = plane // n_channels
-            c = plane - n * n_channels
-            _plane_affine(x4, n, c, mean[c], scale[c], offset[c], dy4,
-                          gain[c], with_dy, out4, rows, cols, True)
+        for p in prange(chunks):
+            _plane_chunk_affine(x4, mean, scale, offset, dy4, gain, with_dy,
+                                out4, p, per_chunk, True)
             _fence_streaming_stores()
     else:
-        for plane in prange(n_samples * n_channels):
-            n = plane // n_channels
-            c = plane - n * n_channels
-            _plane_affine(x4, n, c, mean[c], scale[c], offset[c], dy4,
-                          gain[c], with_dy, out4, rows, cols, False)
+        for p in prange(chunks):
+            _plane_chunk_affine(x4, mean, scale, offset, dy4, gain, with_dy,
+                                out4, p, per_chunk, False)
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)

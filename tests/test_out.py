@@ -120,3 +120,30 @@ def test_streaming_stores_fill_out_exactly(dtype, layout, offset, per_channel,
         np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * 10)
         outside = np.concatenate([buffer[:offset], buffer[offset + size:]])
         assert np.isnan(outside).all()
+
+
+@pytest.mark.parametrize("serial", [True, False])
+@pytest.mark.parametrize("boundary", ["mid-sample", "between samples"])
+def test_plane_chunks_cover_every_plane_once(serial, boundary, rng, monkeypatch):
+    # The plane kernels split the (n, c) planes into chunks of consecutive
+    # planes; a chunk may end inside a sample. Three or more chunks here,
+    # each boundary between two channels of one sample or between samples,
+    # and every value checked against the reference (two-pass statistics).
+    monkeypatch.setattr(cpu, "_SERIAL_BELOW", 2**62 if serial else 0)
+    monkeypatch.setattr(cpu, "_PER_CHANNEL_BYTES", 0)
+    rows, cols = 9, 10
+    per_chunk = cpu._PLANE_CHUNK_ELEMENTS // (rows * cols)
+    channels = 11 if boundary == "mid-sample" else per_chunk
+    assert (per_chunk % channels != 0) == (boundary == "mid-sample")
+    samples = -(-(2 * per_chunk + 1) // channels)
+    x = rng.normal(2, 3, (samples, channels, rows, cols))
+    dy = rng.normal(size=x.shape)
+    y, save_mean, save_invstd = nbn.batch_norm_forward_training(x, None, None)
+    mean, var = ref.batch_stats(x)
+    np.testing.assert_allclose(y, ref.forward(x, mean, var), rtol=1e-10, atol=1e-10)
+    dx, _, _ = nbn.batch_norm_backward(dy, x, None, save_mean, save_invstd)
+    np.testing.assert_allclose(dx, ref.backward_batch_stats(dy, x)[0], rtol=1e-10,
+                               atol=1e-10)
+    running_var = 2 * var
+    np.testing.assert_allclose(nbn.batch_norm(x, mean, running_var),
+                               ref.forward(x, mean, running_var), rtol=1e-10, atol=1e-10)
