@@ -640,18 +640,28 @@ def _launch(kernel, x4, *args):
 # Inputs whose channel (its planes in all inputs of a pass) holds at most
 # this many bytes are normalized one channel per iteration
 # (``_forward_per_channel``, ``_backward_per_channel``): the channel's second
-# pass then reads the core's L2 cache (1 MiB per core on the EPYC measured,
-# half of it left for the output) instead of memory.
-_PER_CHANNEL_BYTES = 512 * 1024
+# pass then reads the core's cache instead of memory or L3.
+_PER_CHANNEL_BYTES = 2 * 2**20
+
+# ... unless their planes are this short or shorter: a channel's planes lie a
+# sample apart, and read that way, a plane at a time, the sums ran slower
+# than in two passes over contiguous memory (float32 on 2 threads, median
+# of 15 rounds: (256, 64, 14, 14), 784-byte planes, 1.3-1.7x the two-pass
+# time forward and backward; (32, 512, 7, 7) 1.1-1.7x; (128, 128, 16, 16),
+# 1 KiB planes, 1.0-1.5x; float64 planes of 1152 bytes and more ran
+# 0.63-0.96x, and 28 x 28 float32 planes 0.8-1.0x).
+_PER_CHANNEL_SHORT_PLANE = 1024
 
 
 def _per_channel(x4, inputs, rows_layout):
     """Whether a pass over ``inputs`` arrays like ``x4`` runs per channel:
-    planes (not the channel-innermost layout), and a channel that fits
+    planes (not the channel-innermost layout) longer than
+    ``_PER_CHANNEL_SHORT_PLANE`` bytes, in a channel that fits
     ``_PER_CHANNEL_BYTES``."""
     n_samples, n_channels, rows, cols = x4.shape
-    return (not rows_layout and inputs * n_samples * rows * cols
-            * x4.itemsize <= _PER_CHANNEL_BYTES)
+    plane_bytes = rows * cols * x4.itemsize
+    return (not rows_layout and plane_bytes > _PER_CHANNEL_SHORT_PLANE
+            and inputs * n_samples * plane_bytes <= _PER_CHANNEL_BYTES)
 
 
 def _position_major(*arrays4):

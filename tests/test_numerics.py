@@ -36,15 +36,18 @@ def test_large_mean_float32_no_worse_than_torch(rng, channels_last):
     assert ours <= 1e-6  # float32 output rounding, nothing more
 
 
-@pytest.mark.parametrize("layout", ["nchw", "nchw two-pass", "channels_last", "rows"])
+@pytest.mark.parametrize("layout", ["nchw per-channel", "nchw two-pass",
+                                    "channels_last", "rows"])
 def test_large_mean_statistics_and_backward(rng, layout, monkeypatch):
     # float32 still holds std 1 at 1e6, where its mean rounds by up to 0.03:
     # each kernel family (planes per channel or in two passes, channels-last,
     # (N, C) rows) must not lose that in the forward's shift nor in the
     # backward's centering.
+    from numba_bn import cpu
     if layout == "nchw two-pass":
-        from numba_bn import cpu
         monkeypatch.setattr(cpu, "_PER_CHANNEL_BYTES", 0)
+    if layout == "nchw per-channel":
+        monkeypatch.setattr(cpu, "_PER_CHANNEL_SHORT_PLANE", 0)
     if layout == "rows":
         x = hard_input(rng, (4096, 4), mean=1e6)
     else:

@@ -82,7 +82,9 @@ def test_streaming_stores_fill_out_exactly(dtype, layout, offset, per_channel,
     # must be right and nothing around the view touched.
     monkeypatch.setattr(cpu, "_STREAM_BYTES", 0)
     monkeypatch.setattr(cpu, "_STREAM_MIN_LINE", 0)
-    if not per_channel:
+    if per_channel:
+        monkeypatch.setattr(cpu, "_PER_CHANNEL_SHORT_PLANE", 0)
+    else:
         monkeypatch.setattr(cpu, "_PER_CHANNEL_BYTES", 0)
     shape = (50, 70) if layout == "rows" else (3, 4, 10, 13)
     x = rng.normal(2, 3, shape).astype(dtype)

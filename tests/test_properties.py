@@ -49,14 +49,17 @@ def close(actual, expected, dtype, scale=1.0):
 @pytest.fixture(params=["parallel", "serial", "parallel two-pass",
                         "serial streaming", "parallel two-pass streaming"])
 def launch_policy(request, monkeypatch):
-    """Small inputs run the serial kernel twins and, on planes, the
-    one-channel-per-iteration kernels, with ordinary stores; test the
-    parallel and the two-pass (statistics, then normalization) kernels too,
-    and each family with the nontemporal stores of large outputs."""
+    """Small inputs run the serial kernel twins with ordinary stores; test
+    the parallel kernels too, on planes both the one-channel-per-iteration
+    and the two-pass (statistics, then normalization) kernels (small test
+    planes would take the two passes only), and each family with the
+    nontemporal stores of large outputs."""
     monkeypatch.setattr(cpu, "_SERIAL_BELOW",
                         2**62 if request.param.startswith("serial") else 0)
     if "two-pass" in request.param:
         monkeypatch.setattr(cpu, "_PER_CHANNEL_BYTES", 0)
+    else:
+        monkeypatch.setattr(cpu, "_PER_CHANNEL_SHORT_PLANE", 0)
     if request.param.endswith("streaming"):
         monkeypatch.setattr(cpu, "_STREAM_BYTES", 0)
         monkeypatch.setattr(cpu, "_STREAM_MIN_LINE", 0)
