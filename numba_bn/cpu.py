@@ -64,6 +64,12 @@ DEVICE = "cpu"
 # NaN and inf semantics intact, unlike fastmath=True.
 _REDUCTION_FLAGS = {"reassoc", "contract"}
 
+# The affine passes may fuse a multiply and an add: one rounding instead of
+# two (float64, before the output's own), and fewer instructions where the
+# data sits in cache ((8, 16, 32, 32) float32 eval pass 8.8 -> 7.8 us; the
+# (32, 512, 7, 7) backward pass 78 -> 70 us).
+_AFFINE_FLAGS = {"contract"}
+
 # Elements per chunk of a channel-innermost pass: a chunk's rows stay in the
 # L2 cache, and there are enough chunks to balance the threads. The chunking
 # depends on the shape alone, so results do not depend on the thread count.
@@ -330,7 +336,7 @@ def _plane_chunk_affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, p,
                           gain[c], with_dy, out4, rows, cols, stream)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_AFFINE_FLAGS)
 def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4, stream):
     """``out = (x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``;
     nontemporal stores when ``stream``.
@@ -362,9 +368,8 @@ def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
     while its planes are still in the core's cache, so ``x`` comes from
     memory once.
 
-    Compiled with ``_REDUCTION_FLAGS`` for the sums: the normalization
-    may then fuse a multiply and an add, which rounds once instead of
-    twice (float64, before the output's rounding).
+    Compiled with ``_REDUCTION_FLAGS`` for the sums, which include the
+    affine passes' ``_AFFINE_FLAGS``.
     """
     n_samples, n_channels, rows, cols = x4.shape
     shift = np.empty(n_channels)
@@ -498,7 +503,7 @@ def _chunk_affine(xp, mean, scale, offset, dyp, gain, with_dy, outp, p,
         j += last - first
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_AFFINE_FLAGS)
 def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, with_dy, outp,
                       chunks, stream):
     """Channel-innermost twin of ``_affine_pass`` on position-major views,
