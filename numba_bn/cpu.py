@@ -15,8 +15,9 @@ each with a ``_rows`` twin that walks positions with the channel innermost
 (channels-last and ``(N, C)`` inputs). Forward and backward call the same
 compiled kernel with a flag, so a cold start compiles each once.
 
-On planes whose channel fits in the core's cache, a training forward or a
-backward instead runs one kernel, a channel per iteration
+On planes longer than 1 KiB whose channel fits in the cores' caches
+(``_per_channel``), a training forward or a backward instead runs one
+kernel, a channel per iteration
 (``_forward_per_channel``, ``_backward_per_channel``): the same plane loops
 (``_plane_sums``, ``_plane_affine``) with the per-channel formulas between
 them, so the second pass reads the cache, not memory.
@@ -139,8 +140,8 @@ def _fence_streaming_stores(typingctx):
     read stale output. LLVM's own ``fence seq_cst`` is no substitute: on
     x86 it may become a locked instruction, which (as Linux's barriers
     note) does not order nontemporal stores. Elsewhere a full fence.
-    Called once per streamed plane, chunk or channel: 1-2 % of a pass
-    over 25-51 MB.
+    Called once per streamed chunk of planes or rows, or per channel: 1-2 %
+    of a pass over 25-51 MB.
     """
     def codegen(context, builder, signature, args):
         if _X86:
@@ -346,8 +347,8 @@ def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4, stream):
     """
     chunks, per_chunk = _plane_chunks(x4)
     # One loop per kind of store, the flag a constant in each: testing it
-    # per plane, LLVM kept the streaming loops, and 7 x 7 planes ran 1.4x
-    # slower without streaming.
+    # inside the loop, LLVM kept the streaming loops, and 7 x 7 planes ran
+    # 1.4x slower without streaming.
     if stream:
         for p in prange(chunks):
             _plane_chunk_affine(x4, mean, scale, offset, dy4, gain, with_dy,
