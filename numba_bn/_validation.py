@@ -70,6 +70,11 @@ def check_vector(a, name, num_channels, device, input_dtype):
     """A per-channel parameter or buffer of the functional form."""
     if a is None:
         return
+    # The common case in four reads: a small call otherwise spends as long
+    # validating its vectors as normalizing ((8, 16, 32, 32): 1.8 us).
+    if (type(a) is np.ndarray and device == "cpu"
+            and a.shape == (num_channels,) and a.dtype == input_dtype):
+        return
     check_device(a, device, name)
     if tuple(a.shape) != (num_channels,):
         raise ValueError(
