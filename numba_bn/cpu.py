@@ -518,9 +518,14 @@ def _channel_partials_rows(xp, dyp, center, moments, psum, psumprod):
         psumprod[p, :] = s2
 
 
-@njit(inline="always")
+@register_jitable
 def _row_element(x_row, dy_row, c, mean, scale, offset, gain, with_dy):
-    """``_channel.affine_element`` at channel ``c`` of a position's row."""
+    """``_channel.affine_element`` at channel ``c`` of a position's row.
+
+    Left to LLVM to inline: inlined by Numba (``inline="always"``), its
+    array arguments kept LLVM from vectorizing the serial twin of
+    ``_affine_pass_rows``, which ran 4x slower (``tests/test_codegen.py``).
+    """
     return _channel.affine_element(x_row[c], dy_row[c],
                                    _coefficient(mean, c), scale[c],
                                    offset[c], gain[c], with_dy)

@@ -1,0 +1,57 @@
+"""The CPU element passes compile to vector code.
+
+A pass that LLVM leaves scalar still gives the right numbers, several times
+slower, so no other test notices: the channel-innermost affine pass's serial
+twin (every input under 32768 elements, and every pass of a forked child)
+once ran 4x slower for it. This reads the machine code instead of timing it.
+"""
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# Compiled afresh (a kernel loaded from Numba's cache has no assembly to
+# show) for float32 inputs that take the serial twins: small ones.
+SCRIPT = textwrap.dedent("""
+    import numpy as np
+    import numba_bn as nbn
+    from numba_bn import cpu
+
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=(64, 256)),          # (N, C): rows
+              rng.normal(size=(4, 16, 8, 8)),       # NCHW, short planes
+              rng.normal(size=(2, 4, 32, 32))]      # NCHW, per channel
+    inputs.append(np.ascontiguousarray(             # channels-last rows
+        inputs[1].transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2))
+    for x in inputs:
+        x = x.astype(np.float32)
+        assert x.size < cpu._SERIAL_BELOW
+        ones = np.ones(x.shape[1], np.float32)
+        y, mean, invstd = nbn.batch_norm_forward_training(x, ones, ones)
+        nbn.batch_norm_backward(y, x, ones, mean, invstd)
+        nbn.batch_norm(x, ones, ones, ones, ones)
+    for kernel, twin in cpu._SERIAL_TWINS.items():
+        for signature in twin.signatures:
+            asm = twin.inspect_asm(signature)
+            # float32 -> float64 conversions of several values at once
+            print(twin.__name__, asm.count("cvtps2pd"))
+""")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="reads x86 instruction names")
+def test_serial_passes_convert_float32_in_vectors(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+        timeout=300, env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    counts = [line.split() for line in done.stdout.splitlines()]
+    assert {name for name, _ in counts} == {
+        "_channel_partials_serial", "_channel_partials_rows_serial",
+        "_affine_pass_serial", "_affine_pass_rows_serial",
+        "_forward_per_channel_serial", "_backward_per_channel_serial"}
+    scalar = [name for name, count in counts if int(count) == 0]
+    assert not scalar, f"LLVM left these passes scalar: {scalar}"
