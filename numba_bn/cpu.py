@@ -78,7 +78,8 @@ _ROWS_CHUNK_ELEMENTS = 32768
 # Positions a channel-innermost reduction sums before updating its
 # per-channel accumulators. 8, not 4: with 4 the reduction read DRAM at
 # 30 GB/s, with 8 at 40-45 GB/s (the plane reduction: 46-52), on a 2-core
-# EPYC with 77 MB of inputs in rotation.
+# EPYC with 77 MB of inputs in rotation. (Not float32 gradient sums of
+# large inputs: see ``_partials``.)
 _ROWS_UNROLL = 8
 # Dense channel-innermost data with fewer channels is walked in rows of
 # several positions, at least this many values long.
@@ -466,14 +467,16 @@ def _backward_per_channel(x4, dy4, save_mean, save_invstd, weight,
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
-def _channel_partials_rows(xp, dyp, center, moments, psum, psumprod):
+def _channel_partials_rows(xp, dyp, center, moments, unrolled, psum,
+                           psumprod):
     """Channel-innermost twin of ``_channel_partials``.
 
     Takes position-major views ``(N, R, S, C)``; partial row ``p`` sums the
     ``p``-th chunk of positions, every channel at once, so the inner loop
-    runs along the contiguous channel axis. Positions are summed
-    ``_ROWS_UNROLL`` at a time in registers before they meet the per-channel
-    accumulators, whose loads and stores otherwise bound the loop.
+    runs along the contiguous channel axis. With ``unrolled``, positions
+    are summed ``_ROWS_UNROLL`` at a time in registers before they meet the
+    per-channel accumulators, whose loads and stores otherwise bound the
+    loop; else one at a time (see ``_partials``).
     """
     n_samples, rows, cols, n_channels = xp.shape
     positions = n_samples * rows * cols
@@ -492,7 +495,9 @@ def _channel_partials_rows(xp, dyp, center, moments, psum, psumprod):
             n, r, first, last = line_segment(j, stop, rows, cols)
             x_line = xp[n, r]
             dy_line = dyp[n, r]
-            full = first + (last - first) // _ROWS_UNROLL * _ROWS_UNROLL
+            full = first
+            if unrolled:
+                full += (last - first) // _ROWS_UNROLL * _ROWS_UNROLL
             for s in range(first, full, _ROWS_UNROLL):
                 # A constant trip count: LLVM unrolls the position loop and
                 # vectorizes over the channels.
@@ -777,7 +782,14 @@ def _partials(x4, dy4, center, moments, rows_layout):
         return psum, psumprod
     xp, dyp = _position_major(x4, dy4)
     psum, psumprod = _empties(2, (_row_chunks(xp), xp.shape[3]))
-    _launch(_channel_partials_rows, xp, dyp, center, moments, psum, psumprod)
+    # Except float32 gradient sums of inputs that come from memory (as large
+    # as the outputs that take streaming stores): unrolled, they read
+    # sixteen lines of two inputs at once, and ran 1.2-1.4x slower than one
+    # position at a time (sums of x, float64 sums and inputs in the cache:
+    # 1.0-1.4x faster unrolled).
+    unrolled = moments or x4.itemsize != 4 or x4.nbytes < _STREAM_BYTES
+    _launch(_channel_partials_rows, xp, dyp, center, moments, unrolled, psum,
+            psumprod)
     # (chunks, positions per row * C) is (chunks * positions per row, C):
     # one partial row each.
     return (psum.reshape(-1, n_channels), psumprod.reshape(-1, n_channels))
