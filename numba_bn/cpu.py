@@ -78,8 +78,8 @@ _ROWS_CHUNK_ELEMENTS = 32768
 # Positions a channel-innermost reduction sums before updating its
 # per-channel accumulators. 8, not 4: with 4 the reduction read DRAM at
 # 30 GB/s, with 8 at 40-45 GB/s (the plane reduction: 46-52), on a 2-core
-# EPYC with 77 MB of inputs in rotation. (Not float32 gradient sums of
-# large inputs: see ``_partials``.)
+# EPYC with 77 MB of inputs in rotation. (Large inputs, except for float64
+# sums of x, are summed one position at a time: see ``_partials``.)
 _ROWS_UNROLL = 8
 # Dense channel-innermost data with fewer channels is walked in rows of
 # several positions, at least this many values long.
@@ -782,12 +782,14 @@ def _partials(x4, dy4, center, moments, rows_layout):
         return psum, psumprod
     xp, dyp = _position_major(x4, dy4)
     psum, psumprod = _empties(2, (_row_chunks(xp), xp.shape[3]))
-    # Except float32 gradient sums of inputs that come from memory (as large
-    # as the outputs that take streaming stores): unrolled, they read
-    # sixteen lines of two inputs at once, and ran 1.2-1.4x slower than one
-    # position at a time (sums of x, float64 sums and inputs in the cache:
-    # 1.0-1.4x faster unrolled).
-    unrolled = moments or x4.itemsize != 4 or x4.nbytes < _STREAM_BYTES
+    # Unrolled only for inputs in the cache, or float64 sums of x: inputs
+    # that come from memory (as large as the outputs that take streaming
+    # stores) read faster one position at a time, a line after the other,
+    # than eight or sixteen lines at once (float32 sums of x, flushed cache:
+    # (32, 64, 56, 56) 850-890 -> 750-775 us, (256, 64, 14, 14) 553-583 ->
+    # 462-483 us; float32 gradient sums 1.2-1.4x faster; float64 gradient
+    # sums 1.1x faster). In the cache, unrolled sums ran 1.0-1.4x faster.
+    unrolled = (moments and x4.itemsize != 4) or x4.nbytes < _STREAM_BYTES
     _launch(_channel_partials_rows, xp, dyp, center, moments, unrolled, psum,
             psumprod)
     # (chunks, positions per row * C) is (chunks * positions per row, C):
