@@ -53,9 +53,9 @@ def launch_policy(request, monkeypatch):
     the parallel kernels too, on planes both the one-channel-per-iteration
     and the two-pass (statistics, then normalization) kernels (small test
     planes would take the two passes only), and each family with the
-    nontemporal stores of large outputs (which also sends float32 gradient
-    sums of channel-innermost inputs down their one-position-at-a-time
-    walk, see ``cpu._partials``)."""
+    nontemporal stores of large outputs (which also sends the sums of
+    channel-innermost inputs, all but float64 sums of x, down their
+    one-position-at-a-time walk, see ``cpu._partials``)."""
     monkeypatch.setattr(cpu, "_SERIAL_BELOW",
                         2**62 if request.param.startswith("serial") else 0)
     if "two-pass" in request.param:
