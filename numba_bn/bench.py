@@ -5,7 +5,7 @@ shapes, dtypes and layouts below, it checks every result against PyTorch's
 (when torch is importable) and then times the contenders interleaved
 (A B C A B C ...), reporting medians: the time, the ratio to PyTorch, the
 share of the memory-bandwidth floor (the tensor-sized passes an operation
-must make, at the copy bandwidth measured in the same run) and page faults
+must make, at the bandwidth of a copy timed right before) and page faults
 per call (allocations over glibc's 32 MiB mmap threshold fault on every call;
 ``--out`` reuses output arrays). ``--quick`` is a short run for CI.
 
@@ -62,17 +62,32 @@ def _copy(src, dst):
         dst[i] = src[i]
 
 
-def copy_bandwidth(nbytes, repeats=7):
-    """Bytes per second of a parallel copy (read + write) of ``nbytes``."""
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    _copy(src, dst)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _copy(src, dst)
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / float(np.median(times))
+class CopyProbe:
+    """Memory bandwidth from a parallel copy (read + write) of ``nbytes``,
+    twice the 32 MiB L3 of the machines this was written on, so that it
+    measures memory, not the cache.
+
+    The bandwidth of these shared machines swings by 2x within seconds
+    (copies of 43 and 77 GB/s a second apart), so the bench measures it
+    right before each case rather than once per run. Not within the
+    case's rounds: a 64 MiB copy between the contenders' samples changed
+    their ratios (an eval of (256, 64, 14, 14) float32 went from 0.8-1.0x
+    PyTorch's time to 1.15-1.2x).
+    """
+
+    def __init__(self, nbytes=64 << 20):
+        self.src = np.ones(nbytes // 4, np.float32)
+        self.dst = np.empty_like(self.src)
+        _copy(self.src, self.dst)
+
+    def bandwidth(self, repeats=5):
+        """Bytes per second, the median of ``repeats`` copies."""
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            _copy(self.src, self.dst)
+            times.append(time.perf_counter() - start)
+        return 2 * self.src.nbytes / float(np.median(times))
 
 
 def layout_input(shape, dtype, layout, rng):
@@ -386,15 +401,16 @@ def main(argv=None):
     if args.device == "cuda":
         return gpu_main(args, torch)
 
-    bandwidth = copy_bandwidth(64 << 20 if args.quick else 256 << 20)
+    probe = CopyProbe()
     print(f"numba_bn {nbn.__version__}, numba {numba.__version__}, numpy "
           f"{np.__version__}" + (f", torch {torch.__version__}" if torch else
                                  ", torch not installed")
           + f"; {numba.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"copy bandwidth (parallel read + write): {bandwidth / 1e9:.1f} GB/s")
+    print(f"floor: at the bandwidth of a {probe.src.nbytes >> 20} MiB parallel copy "
+          "(read + write, GB/s column) timed before each case")
     header = (f"{'op':9}{'shape':19}{'dtype':8}{'layout':14}{'numba_bn':>9}"
-              f"{'torch':>9}{'numpy':>9}{'ratio':>7}{'floor':>7}{'faults':>8}"
-              f"  target")
+              f"{'torch':>9}{'numpy':>9}{'ratio':>7}{'GB/s':>6}{'floor':>7}"
+              f"{'faults':>8}  target")
     print(header)
     print("-" * len(header))
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -408,6 +424,7 @@ def main(argv=None):
                     case = Case(op, shape, dtype, layout, args.out, torch)
                     error = case.check()
                     tolerance = 1e-4 if dtype == np.float32 else 1e-9
+                    bandwidth = probe.bandwidth()
                     times, faults = time_interleaved(case.contenders, rounds)
                     ours, theirs = times["numba_bn"], times.get("torch")
                     ratio = ours / theirs if theirs else None
@@ -428,10 +445,12 @@ def main(argv=None):
                           f"{layout:14}{fmt_ms(ours):>9}{fmt_ms(theirs):>9}"
                           f"{fmt_ms(times['numpy']):>9}"
                           f"{'-' if ratio is None else f'{ratio:.2f}':>7}"
-                          f"{floor:7.0%}{faults:8.1f}  {', '.join(verdict)}")
+                          f"{bandwidth / 1e9:6.0f}{floor:7.0%}{faults:8.1f}"
+                          f"  {', '.join(verdict)}")
                     results.append({"op": op, "shape": list(shape),
                                     "dtype": np.dtype(dtype).name, "layout": layout,
                                     "seconds": times, "ratio_to_torch": ratio,
+                                    "copy_bandwidth_bytes_per_s": bandwidth,
                                     "floor_share": floor, "faults_per_call": faults,
                                     "max_rel_error_vs_reference": error})
     calls = small_calls(torch, rounds)
@@ -441,7 +460,11 @@ def main(argv=None):
         ratio = "" if theirs is None else f", ratio {entry['numba_bn'] / theirs:.2f}"
         print(f"  {tuple(entry['shape'])}: numba_bn {entry['numba_bn'] * 1e6:.1f} us"
               + ("" if theirs is None else f", torch {theirs * 1e6:.1f} us") + ratio)
-    print(f"\n{len(results) - len(missed)} of {len(results)} cases meet their targets"
+    bandwidths = [r["copy_bandwidth_bytes_per_s"] for r in results]
+    bandwidth = float(np.median(bandwidths))
+    print(f"\ncopy bandwidth over the cases: median {bandwidth / 1e9:.1f} GB/s, "
+          f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}")
+    print(f"{len(results) - len(missed)} of {len(results)} cases meet their targets"
           + (f"; missed: {'; '.join(missed)}" if missed else ""))
     if args.json:
         with open(args.json, "w") as f:
