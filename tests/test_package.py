@@ -52,3 +52,26 @@ def test_bench_holds_n_c_batches_to_the_channels_last_targets():
     assert target_ratio("train", (8, 16, 32, 32), "nchw") == 0.5
     assert target_ratio("train", (8, 16, 32, 32), "channels_last") == 0.9
     assert target_ratio("backward", (1024, 256), "nchw") == 0.8
+
+
+def test_bench_takes_each_floor_at_its_own_cases_bandwidth(tmp_path,
+                                                           monkeypatch):
+    # The machines' bandwidth drifts within a run: each case's floor share
+    # must use the copy timed for that case, not one measured at the start.
+    import json
+
+    from numba_bn import bench
+    measured = iter([10e9, 40e9] * 10)
+    monkeypatch.setattr(bench.CopyProbe, "bandwidth",
+                        lambda self, repeats=5: next(measured))
+    monkeypatch.setattr(bench, "QUICK_SHAPES", [(8, 16, 32, 32)])
+    path = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--no-torch", "--rounds", "1",
+                       "--json", str(path)]) == 0
+    cases = json.loads(path.read_text())["cases"]
+    assert [c["copy_bandwidth_bytes_per_s"] for c in cases] == [
+        10e9, 40e9, 10e9, 40e9, 10e9, 40e9]
+    for c in cases:
+        floor = (bench.PASSES[c["op"]] * 8 * 16 * 32 * 32 * 4
+                 / c["copy_bandwidth_bytes_per_s"] / c["seconds"]["numba_bn"])
+        assert abs(c["floor_share"] - floor) <= 1e-9 * floor

@@ -59,8 +59,8 @@ def plot(run, dtype):
     axes[1, 0].set_ylabel("% (over 100: cache, or streaming stores)")
     versions = run["versions"]
     fig.suptitle(f"{dtype}, {run['threads']} threads, copy bandwidth "
-                 f"{run['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
-                 "(CL = channels-last)")
+                 f"{run['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (median; "
+                 "each floor at its case's own) (CL = channels-last)")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.text(0.01, 0.005,
              f"{run['date']} · python -m numba_bn.bench --json · "
