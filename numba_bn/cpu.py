@@ -16,8 +16,9 @@ each with a ``_rows`` twin that walks positions with the channel innermost
 compiled kernel with a flag, so a cold start compiles each once.
 
 On planes longer than 1 KiB whose channel fits in the cores' caches
-(``_per_channel``), a backward, and a training forward of an input smaller
-than ``_STREAM_BYTES``, instead run one kernel, a channel per iteration
+(``_per_channel``), a backward, and a training forward of float64 or of
+float32 smaller than ``_STREAM_BYTES``, instead run one kernel, a channel
+per iteration
 (``_forward_per_channel``, ``_backward_per_channel``): the same plane loops
 (``_plane_sums``, ``_plane_affine``) with the per-channel formulas between
 them, so the second pass reads the cache, not memory.
@@ -415,14 +416,14 @@ def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4, stream):
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
 def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
                          num_batches_tracked, momentum, cumulative, save_mean,
-                         save_invstd, scale, offset, out4):
+                         save_invstd, scale, offset, out4, stream):
     """Training forward, one channel per iteration: its shifted sums, its
     statistics (``_channel.finish_batch_stats``), then its normalization
     while its planes are still in the core's cache, so ``x`` comes from
     the cache or memory once.
 
-    Ordinary stores only: it runs on inputs smaller than the outputs that
-    take streaming stores (see ``forward_batch_stats``). Compiled with
+    Nontemporal stores when ``stream`` (float64 outputs; float32 ones that
+    large take the two passes, see ``forward_batch_stats``). Compiled with
     ``_REDUCTION_FLAGS`` for the sums, which include the affine passes'
     ``_AFFINE_FLAGS``.
     """
@@ -439,7 +440,9 @@ def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
             save_mean, save_invstd, scale, offset)
         for n in range(n_samples):
             _plane_affine(x4, n, c, save_mean[c], scale[c], offset[c], x4,
-                          0.0, False, out4, rows, cols, False)
+                          0.0, False, out4, rows, cols, stream)
+        if stream:
+            _fence_streaming_stores()
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
@@ -996,19 +999,21 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     rm, rv = _computable(running_mean), _computable(running_var)
     counter = (None if num_batches_tracked is None
                else num_batches_tracked.reshape(1))
-    # Per channel only in the cache: from memory (inputs as large as the
-    # outputs that take streaming stores) the two passes over contiguous
-    # memory ran faster than one over a channel's planes, a sample apart
-    # (float32, 2 threads, median of 12 rounds, each path in turn:
+    # Float32 per channel only in the cache: from memory (inputs as large
+    # as the outputs that take streaming stores) the two passes over
+    # contiguous memory ran faster than one over a channel's planes, a
+    # sample apart (2 threads, median of 12 rounds, each path in turn:
     # (32, 64, 56, 56) 0.86-0.93x the time, (32, 32, 64, 64) 0.92-0.97x,
-    # (64, 64, 56, 56) 0.86-0.88x; float64 (32, 64, 56, 56) 0.98x). The
-    # backward, which saves two tensor reads per channel, not one, keeps
-    # its per-channel kernel (there the two passes took 1.05-1.08x).
-    if (moments is None and x4.nbytes < _STREAM_BYTES
+    # (64, 64, 56, 56) 0.86-0.88x), likely because a byte of float32
+    # holds twice the values to convert and sum. Float64 keeps it (level
+    # there, and 2.05-2.8 against 2.95-3.1 ms in full bench runs of
+    # (32, 64, 56, 56)), as does the backward, which saves two tensor
+    # reads per channel, not one (two passes 1.05-1.08x slower).
+    if (moments is None and (x4.itemsize == 8 or x4.nbytes < _STREAM_BYTES)
             and _per_channel(x4, 1, rows_layout)):
         _launch(_forward_per_channel, x4, weight, bias, eps, rm, rv, counter,
                 momentum, cumulative, save_mean, save_invstd, scale, offset,
-                y4)
+                y4, _streams(y4))
     else:
         if moments is None:
             # Sums of x - shift with a sample of each channel as its

@@ -55,8 +55,8 @@ def launch_policy(request, monkeypatch):
     planes would take the two passes only), and each family with the
     nontemporal stores of large outputs (which also sends the sums of
     channel-innermost inputs, all but float64 sums of x, down their
-    one-position-at-a-time walk, see ``cpu._partials``, and the training
-    forward to the two passes, as on inputs from memory)."""
+    one-position-at-a-time walk, see ``cpu._partials``, and the float32
+    training forward to the two passes, as on inputs from memory)."""
     monkeypatch.setattr(cpu, "_SERIAL_BELOW",
                         2**62 if request.param.startswith("serial") else 0)
     if "two-pass" in request.param:
