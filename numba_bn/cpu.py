@@ -728,6 +728,14 @@ _PER_CHANNEL_BYTES = 2 * 2**20
 _PER_CHANNEL_SHORT_PLANE = 1024
 
 
+def _from_memory(x4):
+    """Whether ``x4`` is as large as the outputs that take streaming stores
+    (``_STREAM_BYTES``): a kernel then reads it from memory, not from the
+    cache, which changes the fastest way to walk it (``_partials``,
+    ``forward_batch_stats``)."""
+    return x4.nbytes >= _STREAM_BYTES
+
+
 def _per_channel(x4, inputs, rows_layout):
     """Whether a pass over ``inputs`` arrays like ``x4`` runs per channel:
     planes (not the channel-innermost layout) longer than
@@ -792,7 +800,7 @@ def _partials(x4, dy4, center, moments, rows_layout):
     # (32, 64, 56, 56) 850-890 -> 750-775 us, (256, 64, 14, 14) 553-583 ->
     # 462-483 us; float32 gradient sums 1.2-1.4x faster; float64 gradient
     # sums 1.1x faster). In the cache, unrolled sums ran 1.0-1.4x faster.
-    unrolled = (moments and x4.itemsize != 4) or x4.nbytes < _STREAM_BYTES
+    unrolled = (moments and x4.itemsize == 8) or not _from_memory(x4)
     _launch(_channel_partials_rows, xp, dyp, center, moments, unrolled, psum,
             psumprod)
     # (chunks, positions per row * C) is (chunks * positions per row, C):
@@ -1009,7 +1017,7 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     # there, and 2.05-2.8 against 2.95-3.1 ms in full bench runs of
     # (32, 64, 56, 56)), as does the backward, which saves two tensor
     # reads per channel, not one (two passes 1.05-1.08x slower).
-    if (moments is None and (x4.itemsize == 8 or x4.nbytes < _STREAM_BYTES)
+    if (moments is None and (x4.itemsize == 8 or not _from_memory(x4))
             and _per_channel(x4, 1, rows_layout)):
         _launch(_forward_per_channel, x4, weight, bias, eps, rm, rv, counter,
                 momentum, cumulative, save_mean, save_invstd, scale, offset,
