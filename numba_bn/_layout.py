@@ -118,26 +118,23 @@ def is_channels_last(shape, strides):
 
 
 @functools.lru_cache(maxsize=1024)
-def output_order(shape, strides):
-    """Axis order in which to allocate an output like the input.
+def output_allocation(shape, strides):
+    """How to allocate an output like an input of ``shape`` and ``strides``.
+
+    Channels-last inputs get channels-last outputs, everything else a
+    C-contiguous one. Memoized, as ``canonical_geometry``: a small call
+    spent 1 us working this out.
 
     Returns
     -------
-    tuple of int
-        ``perm`` such that ``empty(shape[perm]).transpose(argsort(perm))``
-        has the input's memory order: channels-last inputs give channels-last
-        outputs, everything else a C-contiguous one.
+    base_shape : tuple of int
+    axes : tuple of int
+        ``empty(base_shape).transpose(axes)`` has ``shape`` and the input's
+        memory order.
     """
     ndim = len(shape)
+    order = tuple(range(ndim))
     if is_channels_last(shape, strides):
-        return (0,) + tuple(range(2, ndim)) + (1,)
-    return tuple(range(ndim))
-
-
-@functools.lru_cache(maxsize=64)
-def inverse(perm):
-    """The permutation that undoes ``perm``."""
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return tuple(inv)
+        order = (0,) + tuple(range(2, ndim)) + (1,)
+    return (tuple(shape[axis] for axis in order),
+            tuple(order.index(axis) for axis in range(ndim)))

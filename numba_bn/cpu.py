@@ -56,8 +56,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 from . import _channel
-from ._layout import (canonical_geometry, inverse, is_channels_last,
-                      line_segment, output_order)
+from ._layout import (canonical_geometry, is_channels_last, line_segment,
+                      output_allocation)
 
 DEVICE = "cpu"
 
@@ -747,28 +747,27 @@ def _per_channel(x4, inputs, rows_layout):
             and inputs * n_samples * plane_bytes <= _PER_CHANNEL_BYTES)
 
 
-def _position_major(*arrays4):
-    """``(N, R, S, C)`` views of ``(N, C, R, S)`` arrays.
-
-    C-contiguous for dense channels-last data, so Numba knows the unit
-    stride; when all of them are, one line of rows (a reshape, no copy) so
-    that the kernels slice once per chunk, not once per sample. Rows then
+def _position_major(walks):
+    """The kernels' views of ``(N, R, S, C)`` views (``(N, C, R, S)``
+    arrays transposed): ``walks`` themselves, or, when all of them are
+    C-contiguous (dense channels-last data), one line of rows (a reshape,
+    no copy) so that the kernels slice once per chunk, not once per
+    sample. Rows then
     hold several consecutive positions, at least ``_ROWS_MIN_LENGTH``
     values where ``C`` is small: the kernels slice once per row, and a row
     of 16 values costs a slice per 16 values. The kernels tile per-channel
     vectors to the rows' width (``_tiled``), and their partial sums come
     out per position of a row.
     """
-    views = [a4.transpose(0, 2, 3, 1) for a4 in arrays4]
-    if not all([v.flags.c_contiguous for v in views]):
-        return views
-    n_samples, rows, cols, n_channels = views[0].shape
+    if not all([w.flags.c_contiguous for w in walks]):
+        return walks
+    n_samples, rows, cols, n_channels = walks[0].shape
     positions = n_samples * rows * cols
     group = max(1, _ROWS_MIN_LENGTH // n_channels)
     while positions % group:
         group -= 1
-    return [v.reshape(1, 1, positions // group, group * n_channels)
-            for v in views]
+    return [w.reshape(1, 1, positions // group, group * n_channels)
+            for w in walks]
 
 
 def _row_chunks(xp):
@@ -784,15 +783,15 @@ def _partials(x4, dy4, center, moments, rows_layout):
 
     Per plane (P = N) when a channel's values are contiguous, per chunk of
     positions (and position in a row group) when the channel axis is
-    (``rows_layout``).
+    (``rows_layout``; ``x4``, ``dy4`` are then position-major, see
+    ``_views``).
     """
-    n_channels = x4.shape[1]
+    n_channels = center.shape[0]
     if not rows_layout:
         psum, psumprod = _empties(2, (x4.shape[0], n_channels))
         _launch(_channel_partials, x4, dy4, center, moments, psum, psumprod)
         return psum, psumprod
-    xp, dyp = _position_major(x4, dy4)
-    psum, psumprod = _empties(2, (_row_chunks(xp), xp.shape[3]))
+    psum, psumprod = _empties(2, (_row_chunks(x4), x4.shape[3]))
     # Unrolled only for inputs in the cache, or float64 sums of x: inputs
     # that come from memory (as large as the outputs that take streaming
     # stores) read faster one position at a time, a line after the other,
@@ -801,7 +800,7 @@ def _partials(x4, dy4, center, moments, rows_layout):
     # 462-483 us; float32 gradient sums 1.2-1.4x faster; float64 gradient
     # sums 1.1x faster). In the cache, unrolled sums ran 1.0-1.4x faster.
     unrolled = (moments and x4.itemsize == 8) or not _from_memory(x4)
-    _launch(_channel_partials_rows, xp, dyp, center, moments, unrolled, psum,
+    _launch(_channel_partials_rows, x4, dy4, center, moments, unrolled, psum,
             psumprod)
     # (chunks, positions per row * C) is (chunks * positions per row, C):
     # one partial row each.
@@ -817,11 +816,11 @@ def _streams(out):
 
 
 def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, rows_layout):
-    """``out4 = (x4 - mean) * scale + offset [+ gain * dy4]``, layout-wise."""
+    """``out4 = (x4 - mean) * scale + offset [+ gain * dy4]`` on the views
+    of ``_views``."""
     if rows_layout:
-        xp, dyp, outp = _position_major(x4, dy4, out4)
-        _launch(_affine_pass_rows, xp, mean, scale, offset, dyp, gain,
-                with_dy, outp, _row_chunks(xp), _streams(outp))
+        _launch(_affine_pass_rows, x4, mean, scale, offset, dy4, gain,
+                with_dy, out4, _row_chunks(x4), _streams(out4))
     else:
         _launch(_affine_pass, x4, mean, scale, offset, dy4, gain, with_dy,
                 out4, _streams(out4))
@@ -870,7 +869,7 @@ def _write_back(target, computed):
 
 
 def _views(inputs, out):
-    """The array the kernels write, and their views of all arrays.
+    """The array the kernels write, and the views the kernels walk.
 
     Parameters
     ----------
@@ -885,9 +884,14 @@ def _views(inputs, out):
         ``out`` itself when the kernels can write it (not float16), else a
         new float32/float64 array in the first input's memory order.
     list of numpy.ndarray
-        ``(N, C, R, S)`` views of the inputs and of ``target`` with one
-        common ``(R, S)`` split; inputs are copied only where their spatial
-        axes do not merge into two.
+        Views of the inputs and of ``target`` with one common geometry:
+        ``(N, C, R, S)`` (see ``_layout``), or their position-major views
+        (``_position_major``) where ``rows_layout``. Inputs are copied only
+        where their spatial axes do not merge into two.
+    rows_layout : bool
+        Whether the channel axis is the contiguous one (channels-last,
+        ``(N, C)``): the kernels then walk positions, not planes. Decided
+        once per call, so that the passes of an operation share the views.
     """
     compute_dtype = inputs[0].dtype
     target = out
@@ -898,19 +902,30 @@ def _views(inputs, out):
         n_samples, n_channels = target.shape[:2]
         shape4 = (n_samples, n_channels, 1,
                   target.size // max(1, n_samples * n_channels))
-        return target, [a.reshape(shape4) for a in arrays]
-    geometry = canonical_geometry(target.shape,
-                                  tuple(a.strides for a in arrays))
-    if geometry is None:
-        arrays = [np.ascontiguousarray(a) for a in inputs]
-        target = np.empty(target.shape, compute_dtype)
-        arrays.append(target)
+    else:
         geometry = canonical_geometry(target.shape,
                                       tuple(a.strides for a in arrays))
-    shape4 = geometry[0]
+        if geometry is None:
+            arrays = [np.ascontiguousarray(a) for a in inputs]
+            target = np.empty(target.shape, compute_dtype)
+            arrays.append(target)
+            geometry = canonical_geometry(target.shape,
+                                          tuple(a.strides for a in arrays))
+        shape4 = geometry[0]
     # A reshape is a view here (the geometry says the axes merge) and far
     # cheaper than as_strided; size-1 axes take whatever stride it gives.
-    return target, [a.reshape(shape4) for a in arrays]
+    views = [a.reshape(shape4) for a in arrays]
+    if not is_channels_last(shape4, views[0].strides):
+        return target, views, False
+    walks = [v.transpose(0, 2, 3, 1) for v in views]
+    if (not walks[-1].flags.c_contiguous
+            and all([w.flags.c_contiguous for w in walks[:-1]])):
+        # An ``out`` that breaks the inputs' line of rows: the sums must
+        # come out as without it, to the last bit, so the kernels write a
+        # stand-in like the input, which ``_deliver`` copies into ``out``.
+        target = empty_like(inputs[0])
+        walks[-1] = target.reshape(shape4).transpose(0, 2, 3, 1)
+    return target, _position_major(walks), True
 
 
 def _deliver(target, dtype, out):
@@ -938,9 +953,8 @@ def empty_like(x, dtype=None):
     """
     if x.flags.c_contiguous:
         return np.empty(x.shape, dtype or x.dtype)
-    perm = output_order(x.shape, x.strides)
-    base = np.empty(tuple(x.shape[p] for p in perm), dtype or x.dtype)
-    return base.transpose(inverse(perm))
+    base_shape, axes = output_allocation(x.shape, x.strides)
+    return np.empty(base_shape, dtype or x.dtype).transpose(axes)
 
 
 def from_host(a):
@@ -999,9 +1013,8 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     y, save_mean, save_invstd : numpy.ndarray
         Output like ``x``; float64 batch mean and ``1 / sqrt(var + eps)``.
     """
-    y, (x4, y4) = _views([_computable(x)], out)
-    n_samples, n_channels, rows, cols = x4.shape
-    rows_layout = is_channels_last(x4.shape, x4.strides)
+    y, (x4, y4), rows_layout = _views([_computable(x)], out)
+    n_channels = x.shape[1]
     save_mean, save_invstd, scale, offset = _empties(4, n_channels)
     weight, bias = _computable(weight), _computable(bias)
     rm, rv = _computable(running_mean), _computable(running_var)
@@ -1027,9 +1040,10 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
             # Sums of x - shift with a sample of each channel as its
             # shift; float64 like the backward's mean, so both passes
             # share one compiled kernel.
-            shift = x4[0, :, 0, 0].astype(np.float64)
+            first = x4[0, 0, 0, :n_channels] if rows_layout else x4[0, :, 0, 0]
+            shift = first.astype(np.float64)
             psum, psumsq = _partials(x4, x4, shift, True, rows_layout)
-            count = n_samples * rows * cols
+            count = x.size // n_channels
         else:
             # Sums about the mean itself: the first is 0, the second is m2.
             count, shift, m2 = moments
@@ -1058,10 +1072,8 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
         Output like ``x``; the float64 running mean and
         ``1 / sqrt(running_var + eps)`` that normalized it.
     """
-    y, (x4, y4) = _views([_computable(x)], out)
-    rows_layout = is_channels_last(x4.shape, x4.strides)
-    n_channels = x4.shape[1]
-    save_mean, save_invstd, scale, offset = _empties(4, n_channels)
+    y, (x4, y4), rows_layout = _views([_computable(x)], out)
+    save_mean, save_invstd, scale, offset = _empties(4, x.shape[1])
     _finish_running_stats(_computable(running_mean), _computable(running_var),
                           _computable(weight), _computable(bias), eps,
                           save_mean, save_invstd, scale, offset)
@@ -1099,11 +1111,11 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     dx : numpy.ndarray
     grad_weight, grad_bias : numpy.ndarray or None
     """
-    dx, (x4, dy4, dx4) = _views([_computable(x), _computable(dy)], out)
-    rows_layout = is_channels_last(x4.shape, x4.strides)
-    n_samples, n_channels, rows, cols = x4.shape
+    dx, (x4, dy4, dx4), rows_layout = _views(
+        [_computable(x), _computable(dy)], out)
+    n_channels = x.shape[1]
     save_mean, save_invstd = _computable(save_mean), _computable(save_invstd)
-    count = n_samples * rows * cols
+    count = x.size // n_channels
     weight = _computable(weight)
     grad_weight = grad_bias = None
     if grad_dtype is not None:
@@ -1162,10 +1174,9 @@ def channel_sums(x, dy, center, moments, out=None):
     """
     x, dy = _computable(x), _computable(dy)
     # x is its own target here: the views are read, nothing is written.
-    _, (x4, dy4, _) = _views([x, dy], x)
-    psum, psumprod = _partials(x4, dy4, center, moments,
-                               is_channels_last(x4.shape, x4.strides))
-    total, total_prod = _empties(2, x4.shape[1]) if out is None else out
+    _, (x4, dy4, _), rows_layout = _views([x, dy], x)
+    psum, psumprod = _partials(x4, dy4, center, moments, rows_layout)
+    total, total_prod = _empties(2, x.shape[1]) if out is None else out
     _merge_partials(psum, psumprod, total, total_prod)
     return total, total_prod
 

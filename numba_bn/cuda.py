@@ -24,8 +24,8 @@ import numpy as np
 from numba import cuda
 
 from . import _channel, config
-from ._layout import (canonical_geometry, inverse, is_channels_last,
-                      output_order, split_position)
+from ._layout import (canonical_geometry, is_channels_last,
+                      output_allocation, split_position)
 
 DEVICE = "cuda"
 
@@ -334,13 +334,12 @@ def empty_like(x, dtype=None):
     dtype : numpy.dtype, optional
         Defaults to ``x.dtype``.
     """
-    perm = output_order(x.shape, x.strides)
-    inv = inverse(perm)
-    base = empty(tuple(x.shape[p] for p in perm), dtype or x.dtype)
+    base_shape, axes = output_allocation(x.shape, x.strides)
+    base = empty(base_shape, dtype or x.dtype)
     if _cupy() is not None:
-        return base.transpose(inv)
-    return _strided_view(base, tuple(base.shape[i] for i in inv),
-                         tuple(base.strides[i] for i in inv))
+        return base.transpose(axes)
+    return _strided_view(base, tuple(base.shape[i] for i in axes),
+                         tuple(base.strides[i] for i in axes))
 
 
 def from_host(a):
