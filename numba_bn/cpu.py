@@ -738,12 +738,14 @@ def _from_memory(x4):
 
 def _per_channel(x4, inputs, rows_layout):
     """Whether a pass over ``inputs`` arrays like ``x4`` runs per channel:
-    planes (not the channel-innermost layout) longer than
-    ``_PER_CHANNEL_SHORT_PLANE`` bytes, in a channel that fits
-    ``_PER_CHANNEL_BYTES``."""
-    n_samples, n_channels, rows, cols = x4.shape
+    planes (not the channel-innermost layout, whose views of ``_views``
+    are position-major) longer than ``_PER_CHANNEL_SHORT_PLANE`` bytes, in
+    a channel that fits ``_PER_CHANNEL_BYTES``."""
+    if rows_layout:
+        return False
+    n_samples, _, rows, cols = x4.shape
     plane_bytes = rows * cols * x4.itemsize
-    return (not rows_layout and plane_bytes > _PER_CHANNEL_SHORT_PLANE
+    return (plane_bytes > _PER_CHANNEL_SHORT_PLANE
             and inputs * n_samples * plane_bytes <= _PER_CHANNEL_BYTES)
 
 
@@ -752,12 +754,11 @@ def _position_major(walks):
     arrays transposed): ``walks`` themselves, or, when all of them are
     C-contiguous (dense channels-last data), one line of rows (a reshape,
     no copy) so that the kernels slice once per chunk, not once per
-    sample. Rows then
-    hold several consecutive positions, at least ``_ROWS_MIN_LENGTH``
-    values where ``C`` is small: the kernels slice once per row, and a row
-    of 16 values costs a slice per 16 values. The kernels tile per-channel
-    vectors to the rows' width (``_tiled``), and their partial sums come
-    out per position of a row.
+    sample. Rows then hold several consecutive positions, at least
+    ``_ROWS_MIN_LENGTH`` values where ``C`` is small: the kernels slice
+    once per row, and a row of 16 values costs a slice per 16 values. The
+    kernels tile per-channel vectors to the rows' width (``_tiled``), and
+    their partial sums come out per position of a row.
     """
     if not all([w.flags.c_contiguous for w in walks]):
         return walks
