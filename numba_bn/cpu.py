@@ -17,15 +17,16 @@ compiled kernel with a flag, so a cold start compiles each once.
 
 On planes longer than 1 KiB whose channel fits in the cores' caches
 (``_per_channel``), a backward, and a training forward of float64 or of
-float32 smaller than ``_STREAM_BYTES``, instead run one kernel, a channel
-per iteration
-(``_forward_per_channel``, ``_backward_per_channel``): the same plane loops
-(``_plane_sums``, ``_plane_affine``) with the per-channel formulas between
-them, so the second pass reads the cache, not memory.
+float32 smaller than ``_FROM_MEMORY_BYTES``, instead run one kernel, a
+channel per iteration (``_forward_per_channel``,
+``_backward_per_channel``): the same plane loops (``_plane_sums``,
+``_plane_affine``) with the per-channel formulas between them, so the
+second pass reads the cache, not memory.
 
-Large dense outputs are written with nontemporal stores
-(``_store_streaming``, ``_STREAM_BYTES``): they skip reading each cache line
-before writing it, a third of the traffic of a normalization.
+Dense outputs of passes too large for the cache are written with
+nontemporal stores (``_store_streaming``, ``_STREAM_WORKING_SET``): they
+skip reading each cache line before writing it, a third of the traffic of
+a normalization.
 
 Per-channel work in between (``_channel.py``) is C-sized and runs serially:
 a parallel region costs more than it saves there.
@@ -85,13 +86,21 @@ _ROWS_UNROLL = 8
 # Dense channel-innermost data with fewer channels is walked in rows of
 # several positions, at least this many values long.
 _ROWS_MIN_LENGTH = 256
-# Dense outputs of at least this many bytes, a quarter of the EPYC's 32 MiB
-# L3, are written with nontemporal stores (``_store_streaming``), as
-# glibc's memcpy does past a similar size: an ordinary store first reads
-# the line it writes, a third stream beside x and y (a 25.7 MB float32
-# normalization: 1.30 -> 1.00 ms, float64 2.71 -> 2.30 ms, 2 threads).
-# Smaller outputs stay in the cache for whatever reads them next.
-_STREAM_BYTES = 8 * 2**20
+# Dense outputs are written with nontemporal stores (``_store_streaming``)
+# where the arrays of their pass (inputs and output) hold at least this many
+# bytes, three quarters of the EPYC's 32 MiB L3, as glibc's memcpy streams
+# past a similar size: an ordinary store first reads the line it writes, a
+# third stream beside x and y (a 25.7 MB float32 normalization: 1.30 ->
+# 1.00 ms, float64 2.71 -> 2.30 ms, 2 threads). Passes that fit keep their
+# output in the cache for whatever reads it next, as the next call reads
+# their input there: 8-10 MiB float32 outputs, streamed from 8 MiB on
+# before, took 0.56-0.72x the time in eval and 0.84-0.89x in a training
+# forward without streaming, both layouts, and their backwards (three
+# arrays) were level or slower without it.
+_STREAM_WORKING_SET = 24 * 2**20
+# Inputs of at least this many bytes, a quarter of the L3, are read from
+# memory rather than from the cache (``_from_memory``).
+_FROM_MEMORY_BYTES = 8 * 2**20
 # ... when the kernel writes them in contiguous lines of at least this many
 # bytes: a line's partial cache lines take ordinary stores, and where those
 # are frequent, mixing the two costs more than it saves (2048 x 64 planes
@@ -729,11 +738,10 @@ _PER_CHANNEL_SHORT_PLANE = 1024
 
 
 def _from_memory(x4):
-    """Whether ``x4`` is as large as the outputs that take streaming stores
-    (``_STREAM_BYTES``): a kernel then reads it from memory, not from the
-    cache, which changes the fastest way to walk it (``_partials``,
-    ``forward_batch_stats``)."""
-    return x4.nbytes >= _STREAM_BYTES
+    """Whether a kernel reads ``x4`` from memory, not from the cache
+    (``_FROM_MEMORY_BYTES``), which changes the fastest way to walk it
+    (``_partials``, ``forward_batch_stats``)."""
+    return x4.nbytes >= _FROM_MEMORY_BYTES
 
 
 def _per_channel(x4, inputs, rows_layout):
@@ -808,23 +816,27 @@ def _partials(x4, dy4, center, moments, rows_layout):
     return (psum.reshape(-1, n_channels), psumprod.reshape(-1, n_channels))
 
 
-def _streams(out):
+def _streams(out, arrays):
     """Whether the kernels write ``out`` (the view they index, whose last
-    axis they write in lines) with nontemporal stores: a C-contiguous one of
-    ``_STREAM_BYTES`` or more, in lines of ``_STREAM_MIN_LINE`` or more."""
-    return (out.nbytes >= _STREAM_BYTES and out.flags.c_contiguous
+    axis they write in lines) with nontemporal stores: a C-contiguous one
+    in lines of ``_STREAM_MIN_LINE`` bytes or more, in a pass over
+    ``arrays`` arrays of its size (inputs and ``out``) that hold
+    ``_STREAM_WORKING_SET`` bytes or more."""
+    return (arrays * out.nbytes >= _STREAM_WORKING_SET
+            and out.flags.c_contiguous
             and out.shape[-1] * out.itemsize >= _STREAM_MIN_LINE)
 
 
 def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, rows_layout):
     """``out4 = (x4 - mean) * scale + offset [+ gain * dy4]`` on the views
     of ``_views``."""
+    stream = _streams(out4, 3 if with_dy else 2)
     if rows_layout:
         _launch(_affine_pass_rows, x4, mean, scale, offset, dy4, gain,
-                with_dy, out4, _row_chunks(x4), _streams(out4))
+                with_dy, out4, _row_chunks(x4), stream)
     else:
         _launch(_affine_pass, x4, mean, scale, offset, dy4, gain, with_dy,
-                out4, _streams(out4))
+                out4, stream)
 
 
 # --------------------------------------------------------------------------
@@ -1035,7 +1047,7 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
             and _per_channel(x4, 1, rows_layout)):
         _launch(_forward_per_channel, x4, weight, bias, eps, rm, rv, counter,
                 momentum, cumulative, save_mean, save_invstd, scale, offset,
-                y4, _streams(y4))
+                y4, _streams(y4, 2))
     else:
         if moments is None:
             # Sums of x - shift with a sample of each channel as its
@@ -1127,7 +1139,7 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     if reduces and _per_channel(x4, 2, rows_layout):
         _launch(_backward_per_channel, x4, dy4, save_mean, save_invstd,
                 weight, batch_stats, grad_weight, grad_bias, scale, offset,
-                gain, dx4, _streams(dx4))
+                gain, dx4, _streams(dx4, 3))
     else:
         if sums is not None:
             count, sum_dy, sum_dy_xmu = sums

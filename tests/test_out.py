@@ -80,7 +80,7 @@ def test_streaming_stores_fill_out_exactly(dtype, layout, offset, per_channel,
     # first cache line to its last full one; an out= view starting
     # ``offset`` elements into its buffer moves those bounds. Every element
     # must be right and nothing around the view touched.
-    monkeypatch.setattr(cpu, "_STREAM_BYTES", 0)
+    monkeypatch.setattr(cpu, "_STREAM_WORKING_SET", 0)
     monkeypatch.setattr(cpu, "_STREAM_MIN_LINE", 0)
     if per_channel:
         monkeypatch.setattr(cpu, "_PER_CHANNEL_SHORT_PLANE", 0)

@@ -52,11 +52,11 @@ def launch_policy(request, monkeypatch):
     """Small inputs run the serial kernel twins with ordinary stores; test
     the parallel kernels too, on planes both the one-channel-per-iteration
     and the two-pass (statistics, then normalization) kernels (small test
-    planes would take the two passes only), and each family with the
-    nontemporal stores of large outputs (which also sends the sums of
-    channel-innermost inputs, all but float64 sums of x, down their
-    one-position-at-a-time walk, see ``cpu._partials``, and the float32
-    training forward to the two passes, as on inputs from memory)."""
+    planes would take the two passes only), and each family as on large
+    inputs: nontemporal stores, and the walks of inputs read from memory
+    (the sums of channel-innermost inputs, all but float64 sums of x, one
+    position at a time, see ``cpu._partials``, and the float32 training
+    forward in two passes)."""
     monkeypatch.setattr(cpu, "_SERIAL_BELOW",
                         2**62 if request.param.startswith("serial") else 0)
     if "two-pass" in request.param:
@@ -64,8 +64,9 @@ def launch_policy(request, monkeypatch):
     else:
         monkeypatch.setattr(cpu, "_PER_CHANNEL_SHORT_PLANE", 0)
     if request.param.endswith("streaming"):
-        monkeypatch.setattr(cpu, "_STREAM_BYTES", 0)
+        monkeypatch.setattr(cpu, "_STREAM_WORKING_SET", 0)
         monkeypatch.setattr(cpu, "_STREAM_MIN_LINE", 0)
+        monkeypatch.setattr(cpu, "_FROM_MEMORY_BYTES", 0)
     return request.param
 
 
