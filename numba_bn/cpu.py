@@ -98,9 +98,6 @@ _ROWS_MIN_LENGTH = 256
 # forward without streaming, both layouts, and their backwards (three
 # arrays) were level or slower without it.
 _STREAM_WORKING_SET = 24 * 2**20
-# Inputs of at least this many bytes, a quarter of the L3, are read from
-# memory rather than from the cache (``_from_memory``).
-_FROM_MEMORY_BYTES = 8 * 2**20
 # ... when the kernel writes them in contiguous lines of at least this many
 # bytes: a line's partial cache lines take ordinary stores, and where those
 # are frequent, mixing the two costs more than it saves (2048 x 64 planes
@@ -110,6 +107,9 @@ _STREAM_MIN_LINE = 1024
 # Bytes the cache line holds, and the alignment a vector nontemporal store
 # needs at most (AVX-512: 64).
 _CACHE_LINE = 64
+# Inputs of at least this many bytes, a quarter of the L3, are taken to
+# come from memory, not from the cache (``_from_memory``).
+_FROM_MEMORY_BYTES = 8 * 2**20
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
