@@ -802,12 +802,12 @@ def _partials(x4, dy4, center, moments, rows_layout):
         return psum, psumprod
     psum, psumprod = _empties(2, (_row_chunks(x4), x4.shape[3]))
     # Unrolled only for inputs in the cache, or float64 sums of x: inputs
-    # that come from memory (as large as the outputs that take streaming
-    # stores) read faster one position at a time, a line after the other,
-    # than eight or sixteen lines at once (float32 sums of x, flushed cache:
-    # (32, 64, 56, 56) 850-890 -> 750-775 us, (256, 64, 14, 14) 553-583 ->
-    # 462-483 us; float32 gradient sums 1.2-1.4x faster; float64 gradient
-    # sums 1.1x faster). In the cache, unrolled sums ran 1.0-1.4x faster.
+    # that come from memory (``_from_memory``) read faster one position at
+    # a time, a line after the other, than eight or sixteen lines at once
+    # (float32 sums of x, flushed cache: (32, 64, 56, 56) 850-890 ->
+    # 750-775 us, (256, 64, 14, 14) 553-583 -> 462-483 us; float32
+    # gradient sums 1.2-1.4x faster; float64 gradient sums 1.1x faster).
+    # In the cache, unrolled sums ran 1.0-1.4x faster.
     unrolled = (moments and x4.itemsize == 8) or not _from_memory(x4)
     _launch(_channel_partials_rows, x4, dy4, center, moments, unrolled, psum,
             psumprod)
@@ -1033,16 +1033,15 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     rm, rv = _computable(running_mean), _computable(running_var)
     counter = (None if num_batches_tracked is None
                else num_batches_tracked.reshape(1))
-    # Float32 per channel only in the cache: from memory (inputs as large
-    # as the outputs that take streaming stores) the two passes over
-    # contiguous memory ran faster than one over a channel's planes, a
-    # sample apart (2 threads, median of 12 rounds, each path in turn:
-    # (32, 64, 56, 56) 0.86-0.93x the time, (32, 32, 64, 64) 0.92-0.97x,
-    # (64, 64, 56, 56) 0.86-0.88x), likely because a byte of float32
-    # holds twice the values to convert and sum. Float64 keeps it (level
-    # there, and 2.05-2.8 against 2.95-3.1 ms in full bench runs of
-    # (32, 64, 56, 56)), as does the backward, which saves two tensor
-    # reads per channel, not one (two passes 1.05-1.08x slower).
+    # Float32 per channel only in the cache: from memory (``_from_memory``) the
+    # two passes over contiguous memory ran faster than one over a channel's
+    # planes, a sample apart (2 threads, median of 12 rounds, each path in
+    # turn: (32, 64, 56, 56) 0.86-0.93x the time, (32, 32, 64, 64) 0.92-0.97x,
+    # (64, 64, 56, 56) 0.86-0.88x), likely because a byte of float32 holds
+    # twice the values to convert and sum. Float64 keeps it (level there, and
+    # 2.05-2.8 against 2.95-3.1 ms in full bench runs of (32, 64, 56, 56)), as
+    # does the backward, which saves two tensor reads per channel, not one (two
+    # passes 1.05-1.08x slower).
     if (moments is None and (x4.itemsize == 8 or not _from_memory(x4))
             and _per_channel(x4, 1, rows_layout)):
         _launch(_forward_per_channel, x4, weight, bias, eps, rm, rv, counter,
