@@ -255,7 +255,7 @@ def _coefficient(vector, c):
 @register_jitable
 def _tiled(vector, width):
     """A per-channel ``vector`` repeated to fill rows of ``width`` values
-    (rows of several positions, see ``_position_major``); None stays None.
+    (rows of several positions, see ``_plan_views``); None stays None.
 
     Tiled inside the kernels: in NumPy the copies cost a small call 1.5 us.
     """
@@ -757,28 +757,6 @@ def _per_channel(x4, inputs, rows_layout):
             and inputs * n_samples * plane_bytes <= _PER_CHANNEL_BYTES)
 
 
-def _position_major(walks):
-    """The kernels' views of ``(N, R, S, C)`` views (``(N, C, R, S)``
-    arrays transposed): ``walks`` themselves, or, when all of them are
-    C-contiguous (dense channels-last data), one line of rows (a reshape,
-    no copy) so that the kernels slice once per chunk, not once per
-    sample. Rows then hold several consecutive positions, at least
-    ``_ROWS_MIN_LENGTH`` values where ``C`` is small: the kernels slice
-    once per row, and a row of 16 values costs a slice per 16 values. The
-    kernels tile per-channel vectors to the rows' width (``_tiled``), and
-    their partial sums come out per position of a row.
-    """
-    if not all([w.flags.c_contiguous for w in walks]):
-        return walks
-    n_samples, rows, cols, n_channels = walks[0].shape
-    positions = n_samples * rows * cols
-    group = max(1, _ROWS_MIN_LENGTH // n_channels)
-    while positions % group:
-        group -= 1
-    return [w.reshape(1, 1, positions // group, group * n_channels)
-            for w in walks]
-
-
 def _row_chunks(xp):
     """Chunks of rows for a channel-innermost pass over position-major ``xp``."""
     n_samples, rows, cols, width = xp.shape
@@ -894,24 +872,86 @@ def _views(inputs, out):
     Returns
     -------
     target : numpy.ndarray
-        ``out`` itself when the kernels can write it (not float16), else a
-        new float32/float64 array in the first input's memory order.
+        ``out`` itself when the kernels can write it (see ``_plan_views``),
+        else a new float32/float64 array.
     list of numpy.ndarray
         Views of the inputs and of ``target`` with one common geometry:
-        ``(N, C, R, S)`` (see ``_layout``), or their position-major views
-        (``_position_major``) where ``rows_layout``. Inputs are copied only
-        where their spatial axes do not merge into two.
+        ``(N, C, R, S)`` (see ``_layout``), or, where ``rows_layout``,
+        ``(N, R, S, C)`` or one line of rows (``_plan_views``).
+        Inputs are copied only where their spatial axes do not merge into
+        two.
     rows_layout : bool
         Whether the channel axis is the contiguous one (channels-last,
         ``(N, C)``): the kernels then walk positions, not planes. Decided
         once per call, so that the passes of an operation share the views.
     """
-    compute_dtype = inputs[0].dtype
-    target = out
-    if out is None or out.dtype != compute_dtype:
-        target = empty_like(inputs[0] if out is None else out, compute_dtype)
+    dtype = inputs[0].dtype
+    writes_out = out is not None and out.dtype == dtype
+    key = (dtype, inputs[0].shape, writes_out,
+           None if out is None else out.strides, *[a.strides for a in inputs])
+    plan = _VIEW_PLANS.get(key)
+    if plan is None:
+        if len(_VIEW_PLANS) >= _VIEW_PLANS_KEPT:
+            _VIEW_PLANS.clear()
+        plan = _VIEW_PLANS[key] = _plan_views(inputs, out, writes_out)
+    copies, allocation, shape4, rows_layout, dense_rows = plan
+    if copies:
+        inputs = [np.ascontiguousarray(a) for a in inputs]
+    target = out if allocation is None else _allocate(allocation, dtype)
+    arrays = (*inputs, target)
+    if dense_rows is not None:
+        channel_last, rows_shape = dense_rows
+        return target, [a.transpose(channel_last).reshape(rows_shape)
+                        for a in arrays], True
+    views = [a.reshape(shape4) for a in arrays]
+    if rows_layout:
+        return target, [v.transpose(0, 2, 3, 1) for v in views], True
+    return target, views, False
+
+
+# ``_views``' decisions depend only on the arrays' dtype, shape and strides,
+# of which a training loop meets a few: they are worked out once each
+# (``_plan_views``), as checking flags and strides on every call cost a small
+# channels-last call 3.6 us, as long as its pass (1.5 us in NCHW).
+_VIEW_PLANS = {}
+_VIEW_PLANS_KEPT = 1024
+
+
+def _plan_views(inputs, out, writes_out):
+    """How ``_views`` makes the views of arrays like these.
+
+    Returns
+    -------
+    copies : bool
+        Whether the inputs are copied to C-contiguous ones first (spatial
+        axes that do not merge into two) and the target is a new
+        C-contiguous array.
+    allocation : tuple or None
+        ``(base_shape, axes)`` of a new target (see ``_allocation``), or
+        None to write ``out`` (``writes_out``).
+    shape4 : tuple of int
+        The ``(N, C, R, S)`` shape that every array is reshaped to (a view).
+    rows_layout : bool
+        See ``_views``.
+    dense_rows : tuple or None
+        Where all arrays with their channel axis moved last are
+        C-contiguous (dense channels-last data): that transposition and
+        the shape ``(1, 1, rows, width)`` of one line of rows it is
+        reshaped to (no copy), so that the kernels slice
+        once per chunk, not once per sample. Rows then hold several
+        consecutive positions, at least ``_ROWS_MIN_LENGTH`` values where
+        ``C`` is small: the kernels slice once per row, and a row of 16
+        values costs a slice per 16 values. The kernels tile per-channel
+        vectors to the rows' width (``_tiled``), and their partial sums come
+        out per position of a row.
+    """
+    dtype = inputs[0].dtype
+    allocation = None if writes_out else _allocation(
+        inputs[0] if out is None else out)
+    target = out if writes_out else _allocate(allocation, dtype)
     arrays = [*inputs, target]
-    if all([a.flags.c_contiguous for a in arrays]):  # the common case, fast
+    copies = False
+    if all([a.flags.c_contiguous for a in arrays]):
         n_samples, n_channels = target.shape[:2]
         shape4 = (n_samples, n_channels, 1,
                   target.size // max(1, n_samples * n_channels))
@@ -919,26 +959,33 @@ def _views(inputs, out):
         geometry = canonical_geometry(target.shape,
                                       tuple(a.strides for a in arrays))
         if geometry is None:
+            copies = True
+            allocation = (target.shape, None)
             arrays = [np.ascontiguousarray(a) for a in inputs]
-            target = np.empty(target.shape, compute_dtype)
-            arrays.append(target)
+            arrays.append(_allocate(allocation, dtype))
             geometry = canonical_geometry(target.shape,
                                           tuple(a.strides for a in arrays))
         shape4 = geometry[0]
-    # A reshape is a view here (the geometry says the axes merge) and far
-    # cheaper than as_strided; size-1 axes take whatever stride it gives.
-    views = [a.reshape(shape4) for a in arrays]
-    if not is_channels_last(shape4, views[0].strides):
-        return target, views, False
-    walks = [v.transpose(0, 2, 3, 1) for v in views]
+    if not is_channels_last(shape4, arrays[0].reshape(shape4).strides):
+        return copies, allocation, shape4, False, None
+    # The arrays with their channel axis last: (N, R, S, C) walks.
+    channel_last = (0, *range(2, target.ndim), 1)
+    walks = [a.transpose(channel_last) for a in arrays]
     if (not walks[-1].flags.c_contiguous
             and all([w.flags.c_contiguous for w in walks[:-1]])):
         # An ``out`` that breaks the inputs' line of rows: the sums must
         # come out as without it, to the last bit, so the kernels write a
         # stand-in like the input, which ``_deliver`` copies into ``out``.
-        target = empty_like(inputs[0])
-        walks[-1] = target.reshape(shape4).transpose(0, 2, 3, 1)
-    return target, _position_major(walks), True
+        allocation = _allocation(inputs[0])
+    elif not all([w.flags.c_contiguous for w in walks]):
+        return copies, allocation, shape4, True, None
+    n_channels = target.shape[1]
+    positions = target.size // max(1, n_channels)
+    group = max(1, _ROWS_MIN_LENGTH // n_channels)
+    while positions % group:
+        group -= 1
+    return (copies, allocation, shape4, True,
+            (channel_last, (1, 1, positions // group, group * n_channels)))
 
 
 def _deliver(target, dtype, out):
@@ -964,10 +1011,23 @@ def empty_like(x, dtype=None):
     dtype : numpy.dtype, optional
         Defaults to ``x.dtype``.
     """
+    return _allocate(_allocation(x), dtype or x.dtype)
+
+
+def _allocation(x):
+    """``(base_shape, axes)``: ``empty(base_shape).transpose(axes)`` has
+    ``x``'s shape and memory order (see ``_layout.output_allocation``)."""
     if x.flags.c_contiguous:
-        return np.empty(x.shape, dtype or x.dtype)
-    base_shape, axes = output_allocation(x.shape, x.strides)
-    return np.empty(base_shape, dtype or x.dtype).transpose(axes)
+        return x.shape, None
+    return output_allocation(x.shape, x.strides)
+
+
+def _allocate(allocation, dtype):
+    """A new array as ``_allocation`` describes it (axes None: C order)."""
+    base_shape, axes = allocation
+    if axes is None:
+        return np.empty(base_shape, dtype)
+    return np.empty(base_shape, dtype).transpose(axes)
 
 
 def from_host(a):
