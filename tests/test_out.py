@@ -149,3 +149,32 @@ def test_plane_chunks_cover_every_plane_once(serial, boundary, rng, monkeypatch)
     running_var = 2 * var
     np.testing.assert_allclose(nbn.batch_norm(x, mean, running_var),
                                ref.forward(x, mean, running_var), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kept", [1024, 2])
+def test_view_plans_tell_memory_orders_of_one_shape_apart(kept, rng,
+                                                          monkeypatch):
+    # cpu._views works out its views once per dtype, shape and strides;
+    # arrays of one shape in other memory orders, with and without out=,
+    # in turn, must each get their own (and so must a plan cache that
+    # overflows and starts afresh).
+    monkeypatch.setattr(cpu, "_VIEW_PLANS", {})
+    monkeypatch.setattr(cpu, "_VIEW_PLANS_KEPT", kept)
+    nchw = rng.normal(2, 3, (2, 3, 4, 5))
+    orders = {"nchw": lambda a: a,
+              "channels_last": lambda a: np.ascontiguousarray(
+                  a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+              "sliced": lambda a: np.pad(a, ((0, 0), (0, 0), (0, 0), (0, 3)))[..., :5]}
+    mean, var = ref.batch_stats(nchw)
+    expected = ref.forward(nchw, mean, var)
+    for _ in range(2):
+        for x_order, make_x in orders.items():
+            for out_order in [None, *orders]:
+                x = make_x(nchw)
+                out = None if out_order is None else orders[out_order](
+                    np.full(x.shape, np.nan))
+                y = nbn.batch_norm(x, None, None, training=True, out=out)
+                np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+                if out is None:
+                    assert (y.strides == x.strides) == (x_order != "sliced")
+    assert len(cpu._VIEW_PLANS) <= kept
