@@ -909,6 +909,8 @@ def _views(inputs, out):
         inputs = [np.ascontiguousarray(a) for a in inputs]
     target = out if allocation is None else _allocate(allocation, dtype)
     arrays = (*inputs, target)
+    # Reshapes are views here (the plan found that the axes merge) and far
+    # cheaper than as_strided; size-1 axes take whatever stride they give.
     if dense_rows is not None:
         channel_last, rows_shape = dense_rows
         return target, [a.transpose(channel_last).reshape(rows_shape)
