@@ -971,10 +971,11 @@ def _plan_views(inputs, out, writes_out):
         geometry = canonical_geometry(target.shape,
                                       tuple(a.strides for a in arrays))
         if geometry is None:
+            # Every call copies the inputs to C order: plan with new
+            # C-order arrays, whose strides are the copies', not the copies.
             copies = True
             allocation = (target.shape, None)
-            arrays = [np.ascontiguousarray(a) for a in inputs]
-            arrays.append(_allocate(allocation, dtype))
+            arrays = [_allocate(allocation, dtype) for _ in arrays]
             geometry = canonical_geometry(target.shape,
                                           tuple(a.strides for a in arrays))
         shape4 = geometry[0]
