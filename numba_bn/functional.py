@@ -250,8 +250,12 @@ def check_output(out, like, inputs, backend):
     """``out=`` as ``backend`` reads it, checked against ``like`` (None passes)."""
     if out is None:
         return None
+    # Read as the backend reads it before its dtype is compared: a PyTorch
+    # CUDA tensor's dtype is no NumPy dtype.
+    check.check_device(out, backend.DEVICE, "out")
+    out = backend_for(out)[1]
     check.check_out(out, like, inputs, backend.DEVICE)
-    return backend_for(out)[1]
+    return out
 
 
 def _check_vectors(backend, x, **vectors):
