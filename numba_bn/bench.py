@@ -274,30 +274,92 @@ def torch_cuda_contender(torch, module, op, x, dy):
     return run
 
 
-def gpu_main(args, torch):
+class _Exported:
+    """A CUDA array known by its ``__cuda_array_interface__`` alone, as
+    other libraries' arrays are (and the array owning its memory, kept
+    alive)."""
+
+    def __init__(self, owner, interface):
+        self.owner = owner
+        self.__cuda_array_interface__ = interface
+
+
+def numba_device_input(host, layout):
+    """``host`` (see ``layout_input``) on the device in its memory order.
+
+    Numba's device arrays transpose 2-d arrays only, so on a GPU a
+    channels-last input goes out as a foreign array with the permuted
+    interface, which numba_bn reads zero-copy; the CUDA simulator's device
+    arrays transpose any.
+    """
+    from numba import cuda
+    if layout != "channels_last":
+        return cuda.to_device(np.ascontiguousarray(host))
+    axes = (0, 3, 1, 2)
+    nhwc = cuda.to_device(np.ascontiguousarray(host.transpose(0, 2, 3, 1)))
+    if numba.config.ENABLE_CUDASIM:
+        return nhwc.transpose(axes)
+    return _Exported(nhwc, dict(nhwc.__cuda_array_interface__,
+                                shape=tuple(nhwc.shape[i] for i in axes),
+                                strides=tuple(nhwc.strides[i] for i in axes)))
+
+
+def gpu_input_maker(torch):
+    """``to_device(host, layout)`` for the GPU bench: PyTorch CUDA tensors
+    where PyTorch sees a GPU, else CuPy arrays, else Numba device arrays;
+    memory order kept."""
+    if torch is not None:
+        def to_device(host, layout):
+            fmt = (torch.channels_last if layout == "channels_last"
+                   else torch.contiguous_format)
+            return (torch.from_numpy(np.ascontiguousarray(host)).cuda()
+                    .contiguous(memory_format=fmt))
+        return to_device
+    try:
+        import cupy
+    except ImportError:
+        return numba_device_input
+
+    def to_device(host, layout):
+        order = ((0, 2, 3, 1) if layout == "channels_last"
+                 else tuple(range(host.ndim)))
+        stored = cupy.asarray(np.ascontiguousarray(host.transpose(order)))
+        return stored.transpose(np.argsort(order))
+    return to_device
+
+
+def gpu_reference(op, x, dy, running_mean, running_var):
+    """The float64 NumPy result of ``op`` on host copies of the inputs
+    (weight 1, bias 0: the modules' initial parameters)."""
+    c = x.shape[1]
+    x, dy = x.astype(np.float64), dy.astype(np.float64)
+    if op == "backward":
+        return numpy_backward(dy, x, np.ones(c))
+    return numpy_forward(x, running_mean, running_var, np.ones(c),
+                         np.zeros(c), op == "train")
+
+
+def gpu_main(args, torch, shapes=GPU_SHAPES):
     """The GPU comparison: numba_bn against PyTorch's CUDA batch norm (cuDNN).
 
     Inputs are PyTorch CUDA tensors (numba_bn reads them zero-copy through
-    ``__cuda_array_interface__``) or, without PyTorch, CuPy arrays. Each
-    sample runs the operation ``inner`` times and synchronizes the device.
+    ``__cuda_array_interface__``), or without PyTorch CuPy or Numba device
+    arrays (``gpu_input_maker``). Before timing, each operation writes
+    into an output poisoned with NaN, which is compared with the float64
+    NumPy result (norm-wise relative error, the ``error`` column) and with
+    PyTorch's. Each sample runs the operation ``inner`` times and
+    synchronizes the device. ``shapes``: dtype name to input shape.
     """
     from numba import cuda
-    if numba.config.ENABLE_CUDASIM or not cuda.is_available():
-        print("no usable GPU (numba.cuda.is_available() is False)", file=sys.stderr)
-        return 2
     if torch is not None and not torch.cuda.is_available():
         torch = None
-    cupy = None
-    if torch is None:
-        try:
-            import cupy
-        except ImportError:
-            print("the GPU bench builds its inputs with PyTorch (CUDA) or CuPy; "
-                  "install one", file=sys.stderr)
-            return 2
+    to_device = gpu_input_maker(torch)
+    backend = backend_named("cuda")
     rounds = args.rounds or (3 if args.quick else 9)
     device = cuda.get_current_device()
-    nbytes = 256 << 20
+    name = getattr(device, "name", b"CUDA simulator")
+    nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                 for dtype, shape in shapes.items())
     src = cuda.device_array(nbytes // 4, np.float32)
     dst = cuda.device_array(nbytes // 4, np.float32)
 
@@ -312,26 +374,24 @@ def gpu_main(args, torch):
 
     bandwidth = 2 * nbytes / float(np.median([timed(lambda: dst.copy_to_device(src))
                                              for _ in range(5)]))
-    print(f"numba_bn {nbn.__version__} on {device.name.decode() if isinstance(device.name, bytes) else device.name}; "
-          f"device-to-device copy {bandwidth / 1e12:.2f} TB/s"
+    print(f"numba_bn {nbn.__version__} on "
+          f"{name.decode() if isinstance(name, bytes) else name}; "
+          f"device-to-device copy of {nbytes >> 20} MiB {bandwidth / 1e12:.2f} TB/s"
           + (f"; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}"
              if torch else "; PyTorch (CUDA) not available"))
     print(f"{'op':9}{'shape':20}{'dtype':8}{'layout':14}{'numba_bn':>9}{'torch':>9}"
-          f"{'ratio':>7}{'roofline':>9}")
+          f"{'ratio':>7}{'roofline':>9}{'error':>9}")
     wrong = 0
-    for dtype, shape in GPU_SHAPES.items():
+    for dtype, shape in shapes.items():
         if args.quick and dtype == "float16":
             continue
+        # Errors of a float16 output's rounding (2**-11), and far less.
+        tolerance = 2e-3 if dtype == "float16" else 1e-5
         for layout in ["nchw", "channels_last"]:
             x_host = layout_input(shape, np.dtype(dtype), layout, np.random.default_rng(0))
             dy_host = layout_input(shape, np.dtype(dtype), layout, np.random.default_rng(1))
-            if torch is not None:
-                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-                to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda().contiguous(memory_format=fmt)  # noqa: E731
-            else:
-                order = (0, 2, 3, 1) if layout == "channels_last" else (0, 1, 2, 3)
-                to_dev = lambda a: cupy.asarray(np.ascontiguousarray(a.transpose(order))).transpose(np.argsort(order))  # noqa: E731
-            x, dy = to_dev(x_host), to_dev(dy_host)
+            poison_host = np.full_like(x_host, np.nan)
+            x, dy = to_device(x_host, layout), to_device(dy_host, layout)
             c = shape[1]
             # float16 data meets float32 parameters (mixed precision), as in PyTorch AMP.
             ours = nbn.BatchNorm2d(c, device="cuda", dtype="float32")
@@ -342,20 +402,27 @@ def gpu_main(args, torch):
                     theirs.train(op != "eval")
                 if op == "backward":
                     ours(x)
-                    run_ours = lambda: ours.backward(dy)  # noqa: E731
+                    run_ours = lambda out=None: ours.backward(dy, out=out)  # noqa: E731
                 else:
-                    run_ours = lambda: ours(x)  # noqa: E731
-                times = {"numba_bn": []}
+                    run_ours = lambda out=None: ours(x, out=out)  # noqa: E731
+                expected = gpu_reference(op, x_host, dy_host,
+                                         backend.to_host(ours.running_mean),
+                                         backend.to_host(ours.running_var))
+                mine = np.asarray(backend.to_host(
+                    run_ours(to_device(poison_host, layout))), np.float64)
+                error = (np.linalg.norm(np.nan_to_num(mine - expected, nan=np.inf))
+                         / np.linalg.norm(expected))
+                verdict = "" if error <= tolerance else "  WRONG"
                 run_torch = torch_cuda_contender(torch, theirs, op, x, dy)
+                times = {"numba_bn": []}
                 if run_torch is not None:
                     times["torch"] = []
-                    mine = np.asarray(backend_named("cuda").to_host(run_ours()),
-                                      np.float64)
-                    ref = run_torch().float().cpu().numpy().astype(np.float64)
-                    error = np.abs(mine - ref).max() / max(np.abs(ref).max(), 1e-30)
-                    if error > (1e-2 if dtype == "float16" else 1e-3):
-                        wrong += 1
-                        print(f"  WRONG: {op} {dtype} {layout} error {error:.1e}")
+                    # PyTorch's float32 sums land further off the reference.
+                    peer = run_torch().float().cpu().numpy().astype(np.float64)
+                    if not (np.linalg.norm(mine - peer) / np.linalg.norm(peer)
+                            <= (1e-2 if dtype == "float16" else 1e-3)):
+                        verdict += "  differs from torch"
+                wrong += bool(verdict)
                 for _ in range(rounds):
                     times["numba_bn"].append(timed(run_ours))
                     if run_torch is not None:
@@ -365,7 +432,8 @@ def gpu_main(args, torch):
                 share = PASSES[op] * x_host.nbytes / bandwidth / med["numba_bn"]
                 print(f"{op:9}{str(shape).replace(' ', ''):20}{dtype:8}{layout:14}"
                       f"{fmt_ms(med['numba_bn']):>9}{fmt_ms(med.get('torch')):>9}"
-                      f"{'-' if ratio is None else f'{ratio:.2f}':>7}{share:9.0%}")
+                      f"{'-' if ratio is None else f'{ratio:.2f}':>7}{share:9.0%}"
+                      f"{error:9.1e}{verdict}")
     return 1 if wrong else 0
 
 
@@ -399,6 +467,11 @@ def main(argv=None):
         except ImportError:
             torch = None
     if args.device == "cuda":
+        from numba import cuda
+        if numba.config.ENABLE_CUDASIM or not cuda.is_available():
+            print("no usable GPU (Numba finds none, or runs its simulator)",
+                  file=sys.stderr)
+            return 2
         return gpu_main(args, torch)
 
     probe = CopyProbe()

@@ -5,12 +5,16 @@ Runs under Numba's CUDA simulator in a pytest process of its own
 Launch settings are shrunk (``tiny_launches``) so that a few elements
 already span several blocks, a ragged last block and grid-stride loops.
 """
+import argparse
+
 import numba
 import numpy as np
 import pytest
 from numba import cuda
 
 import numba_bn as nbn
+from numba_bn import bench
+from numba_bn.bench import numba_device_input
 
 from .. import reference as ref
 from ..conftest import TOLERANCE
@@ -87,9 +91,9 @@ def test_gpu_equals_cpu_module(rng):
 def test_channels_last_and_strided_views(rng):
     nhwc = rng.normal(1, 2, (2, 3, 2, 3)).astype(np.float32)   # N, H, W, C
     x = nhwc.transpose(0, 3, 1, 2)
-    d = cuda.to_device(nhwc).transpose((0, 3, 1, 2))
-    assert d.strides[1] == 4  # channels-last memory seen as NCHW
+    d = numba_device_input(x, "channels_last")
     y, mean, invstd = nbn.batch_norm_forward_training(d, None, None)
+    assert y.strides[1] == 4  # channels-last memory seen as NCHW, as d
     m_ref, v_ref = ref.batch_stats(x)
     close(y, ref.forward(x, m_ref, v_ref), np.float32, scale=3)
     close(mean, m_ref, np.float32, scale=3)
@@ -223,3 +227,29 @@ def test_sync_batch_norm_reduces_on_the_device(rng):
     close(bn.grad_bias, db_ref, np.float64, scale=x.size)
     close(bn.running_mean, running_mean, np.float64, scale=10)
     close(bn.running_var, running_var, np.float64, scale=10)
+
+
+@pytest.mark.skipif(SIMULATOR, reason="the simulator reads no foreign CUDA arrays")
+def test_foreign_cuda_arrays_as_input_and_out(rng):
+    # Any __cuda_array_interface__ object, as PyTorch's tensors, serves as
+    # input and as out= (whose dtype need not be NumPy's).
+    x = rng.normal(1, 2, (2, 3, 2, 3)).astype(np.float32)
+    d = numba_device_input(x, "channels_last")
+    out = numba_device_input(np.full_like(x, np.nan), "channels_last")
+    bn = nbn.BatchNorm2d(3, device="cuda")
+    assert bn(d, out=out) is not None
+    mean, var = ref.batch_stats(x)
+    close(out.owner.copy_to_host().transpose(0, 3, 1, 2),
+          ref.forward(x, mean, var), np.float32, scale=3)
+
+
+def test_gpu_bench_checks_and_times_every_case(capsys):
+    # The GPU bench has run on no GPU yet: here it runs whole on tiny
+    # shapes (Numba device arrays, no PyTorch CUDA), checking each result
+    # against the float64 reference; a wrong one would make it return 1.
+    args = argparse.Namespace(quick=False, rounds=1)
+    shapes = {"float32": (2, 3, 2, 3), "float16": (3, 3, 2, 2)}
+    assert bench.gpu_main(args, None, shapes) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 2 * 2 * 3
+    assert all("WRONG" not in line for line in lines)
