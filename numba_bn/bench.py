@@ -274,40 +274,10 @@ def torch_cuda_contender(torch, module, op, x, dy):
     return run
 
 
-class _Exported:
-    """A CUDA array known by its ``__cuda_array_interface__`` alone, as
-    other libraries' arrays are (and the array owning its memory, kept
-    alive)."""
-
-    def __init__(self, owner, interface):
-        self.owner = owner
-        self.__cuda_array_interface__ = interface
-
-
-def numba_device_input(host, layout):
-    """``host`` (see ``layout_input``) on the device in its memory order.
-
-    Numba's device arrays transpose 2-d arrays only, so on a GPU a
-    channels-last input goes out as a foreign array with the permuted
-    interface, which numba_bn reads zero-copy; the CUDA simulator's device
-    arrays transpose any.
-    """
-    from numba import cuda
-    if layout != "channels_last":
-        return cuda.to_device(np.ascontiguousarray(host))
-    axes = (0, 3, 1, 2)
-    nhwc = cuda.to_device(np.ascontiguousarray(host.transpose(0, 2, 3, 1)))
-    if numba.config.ENABLE_CUDASIM:
-        return nhwc.transpose(axes)
-    return _Exported(nhwc, dict(nhwc.__cuda_array_interface__,
-                                shape=tuple(nhwc.shape[i] for i in axes),
-                                strides=tuple(nhwc.strides[i] for i in axes)))
-
-
 def gpu_input_maker(torch):
     """``to_device(host, layout)`` for the GPU bench: PyTorch CUDA tensors
-    where PyTorch sees a GPU, else CuPy arrays, else Numba device arrays;
-    memory order kept."""
+    where PyTorch sees a GPU, else the GPU backend's arrays (CuPy's or
+    Numba's); memory order kept."""
     if torch is not None:
         def to_device(host, layout):
             fmt = (torch.channels_last if layout == "channels_last"
@@ -315,17 +285,7 @@ def gpu_input_maker(torch):
             return (torch.from_numpy(np.ascontiguousarray(host)).cuda()
                     .contiguous(memory_format=fmt))
         return to_device
-    try:
-        import cupy
-    except ImportError:
-        return numba_device_input
-
-    def to_device(host, layout):
-        order = ((0, 2, 3, 1) if layout == "channels_last"
-                 else tuple(range(host.ndim)))
-        stored = cupy.asarray(np.ascontiguousarray(host.transpose(order)))
-        return stored.transpose(np.argsort(order))
-    return to_device
+    return lambda host, layout: backend_named("cuda").from_host(host)
 
 
 def gpu_reference(op, x, dy, running_mean, running_var):

@@ -335,20 +335,31 @@ def empty_like(x, dtype=None):
         Defaults to ``x.dtype``.
     """
     base_shape, axes = output_allocation(x.shape, x.strides)
-    base = empty(base_shape, dtype or x.dtype)
-    if _cupy() is not None:
+    return _transposed(empty(base_shape, dtype or x.dtype), axes)
+
+
+def _transposed(base, axes):
+    """``base.transpose(axes)`` for any device array: Numba's transpose
+    2-d arrays only."""
+    if not isinstance(base, _DeviceArray):  # CuPy's
         return base.transpose(axes)
     return _strided_view(base, tuple(base.shape[i] for i in axes),
                          tuple(base.strides[i] for i in axes))
 
 
 def from_host(a):
-    """``a`` copied to the GPU (a CuPy array when CuPy is installed)."""
-    cupy = _cupy()
+    """``a`` copied to the GPU in its memory order, as ``empty_like``
+    allocates it (channels-last stays channels-last); a CuPy array when
+    CuPy is installed."""
     a = np.asarray(a)
-    if cupy is not None:
-        return cupy.asarray(a)
-    return cuda.to_device(a, stream=_stream())
+    axes = (output_allocation(a.shape, a.strides)[1] if a.ndim > 2
+            else tuple(range(a.ndim)))
+    # The values in the device memory's order, copied over in one piece.
+    stored = np.asarray(a.transpose(tuple(np.argsort(axes))), order="C")
+    cupy = _cupy()
+    base = (cupy.asarray(stored) if cupy is not None
+            else cuda.to_device(stored, stream=_stream()))
+    return base if axes == tuple(range(a.ndim)) else _transposed(base, axes)
 
 
 def to_host(a):

@@ -68,11 +68,9 @@ def prepare(op, shape, dtype, layout, device):
     if device == "cuda":
         from numba import cuda
 
-        from numba_bn.bench import gpu_input_maker
-        # In the inputs' memory order (a plain copy to the device would
-        # make channels-last data NCHW, or refuse it).
-        to_device = gpu_input_maker(None)
-        x, dy = to_device(x, layout), to_device(dy, layout)
+        from numba_bn._dispatch import backend_named
+        gpu = backend_named("cuda")
+        x, dy = gpu.from_host(x), gpu.from_host(dy)
         bn.to("cuda")
         sync = cuda.synchronize
     bn.train(op != "eval")
