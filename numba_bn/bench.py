@@ -289,10 +289,9 @@ def gpu_input_maker(torch):
 
 
 def gpu_reference(op, x, dy, running_mean, running_var):
-    """The float64 NumPy result of ``op`` on host copies of the inputs
-    (weight 1, bias 0: the modules' initial parameters)."""
+    """The NumPy result of ``op`` on float64 host copies ``x``, ``dy`` of
+    the inputs (weight 1, bias 0: the modules' initial parameters)."""
     c = x.shape[1]
-    x, dy = x.astype(np.float64), dy.astype(np.float64)
     if op == "backward":
         return numpy_backward(dy, x, np.ones(c))
     return numpy_forward(x, running_mean, running_var, np.ones(c),
@@ -351,6 +350,7 @@ def gpu_main(args, torch, shapes=GPU_SHAPES):
             x_host = layout_input(shape, np.dtype(dtype), layout, np.random.default_rng(0))
             dy_host = layout_input(shape, np.dtype(dtype), layout, np.random.default_rng(1))
             poison_host = np.full_like(x_host, np.nan)
+            x64, dy64 = x_host.astype(np.float64), dy_host.astype(np.float64)
             x, dy = to_device(x_host, layout), to_device(dy_host, layout)
             c = shape[1]
             # float16 data meets float32 parameters (mixed precision), as in PyTorch AMP.
@@ -365,7 +365,7 @@ def gpu_main(args, torch, shapes=GPU_SHAPES):
                     run_ours = lambda out=None: ours.backward(dy, out=out)  # noqa: E731
                 else:
                     run_ours = lambda out=None: ours(x, out=out)  # noqa: E731
-                expected = gpu_reference(op, x_host, dy_host,
+                expected = gpu_reference(op, x64, dy64,
                                          backend.to_host(ours.running_mean),
                                          backend.to_host(ours.running_var))
                 mine = np.asarray(backend.to_host(
