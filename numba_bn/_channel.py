@@ -9,7 +9,8 @@ gradient coefficients with the same float64 arithmetic. The element passes
 themselves live in the backends, where memory access differs.
 
 The two element formulas (``partial_terms`` and ``affine_element``) are
-shared too, so that the twin kernels differ only in how they walk memory.
+shared too, so that the twin kernels differ only in how they walk memory
+(and in one CPU arithmetic shortcut for float32, ``cpu._leaves_mean_out``).
 
 Numba's on-disk cache keys a kernel on its own source file only: after
 editing this module, delete ``numba_bn/__pycache__`` (installed packages are
