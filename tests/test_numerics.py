@@ -90,6 +90,25 @@ def test_nan_and_inf_propagate_as_torch(bad, training, rng):
                                   np.isnan(theirs.running_mean.numpy()))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_infinite_running_mean_as_torch(layout, rng):
+    # Eval with running statistics of inf, -inf and NaN, as PyTorch: an
+    # element pass that folds or splits the mean (float32 coefficients with
+    # a correction term) must not turn an infinite mean into NaN outputs.
+    x = rng.normal(size=(4, 3, 2, 2)).astype(np.float32)
+    if layout == "channels_last":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    ours = nbn.BatchNorm2d(3).eval()
+    theirs = torch.nn.BatchNorm2d(3).eval()
+    bad = np.array([np.inf, -np.inf, np.nan], np.float32)
+    ours.running_mean[:] = bad
+    theirs.running_mean.copy_(torch.from_numpy(bad))
+    y = ours(x)
+    y_t = theirs(torch.from_numpy(x)).detach().numpy()
+    assert np.isinf(y[:, :2]).all()
+    np.testing.assert_array_equal(y, y_t)
+
+
 def test_float16_statistics_accumulate_wide(rng):
     # 65536 values of ~1000 each: a float16 sum would overflow (max 65504).
     x = (1000 + rng.normal(0, 1, (256, 2, 16, 16))).astype(np.float16)
