@@ -236,7 +236,8 @@ def _leaves_mean_out_overload(x):
     cancels 4 of float64's 16 digits: 1e-12 relative, far below a float32
     output's rounding. Each saves a subtraction per element and, in the
     channel-innermost loops, the load of the mean: channels-last
-    (32, 512, 7, 7) float32 backward ran 1.3x faster. float64 element
+    (32, 512, 7, 7) float32 backward ran 1.3x faster looped over three
+    inputs, 1.12x in the bench's setting. float64 element
     loops keep the subtraction, which is exact there.
     """
     dtype = x.dtype if isinstance(x, numba_types.Array) else x
