@@ -218,6 +218,12 @@ def _stream_span(line, start, length, stream):
     return first, first + (length - first) // per_line * per_line
 
 
+def _holds_float32(x):
+    """Whether the Numba type ``x`` is of a float32 array or value."""
+    dtype = x.dtype if isinstance(x, numba_types.Array) else x
+    return dtype == numba_types.float32
+
+
 def _leaves_mean_out(x):
     """Whether element loops over ``x`` (an array or an element) leave the
     mean out; see the overload."""
@@ -240,8 +246,7 @@ def _leaves_mean_out_overload(x):
     inputs, 1.12x in the bench's setting. float64 element
     loops keep the subtraction, which is exact there.
     """
-    dtype = x.dtype if isinstance(x, numba_types.Array) else x
-    leaves_out = dtype == numba_types.float32
+    leaves_out = _holds_float32(x)
     return lambda x: leaves_out
 
 
@@ -254,8 +259,7 @@ def _folded_overload(x, mean, scale, offset):
     """``(0, offset - mean * scale)`` where ``_leaves_mean_out(x)``, else
     ``(mean, offset)``: per-channel vectors (the folded mean is None,
     read by ``_coefficient``) or one channel's scalars."""
-    dtype = x.dtype if isinstance(x, numba_types.Array) else x
-    if dtype != numba_types.float32:
+    if not _holds_float32(x):
         return lambda x, mean, scale, offset: (mean, offset)
     if not isinstance(mean, numba_types.Array):
         return lambda x, mean, scale, offset: (0.0, offset - mean * scale)
