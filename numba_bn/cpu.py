@@ -110,6 +110,16 @@ _CACHE_LINE = 64
 # Inputs of at least this many bytes, a quarter of the L3, are taken to
 # come from memory, not from the cache (``_from_memory``).
 _FROM_MEMORY_BYTES = 8 * 2**20
+# The channel-innermost gradient sums run unrolled (``_partials``) only
+# where ``x`` and ``dy`` together hold fewer bytes, twice the L2 of these
+# 2-core machines: with the inputs evicted by other work, as in the
+# comparison command (NumPy's contender runs between the samples) and as
+# in a network's backward, reading sixteen lines at once ran slower than
+# a line at a time from 2 MiB per input on (unrolled / one line, median
+# of 3 interleaved runs: float32 (32, 512, 7, 7) and (16, 64, 28, 28)
+# channels-last 1.18 and 1.32, (4096, 256) 1.19; float64 (2048, 256)
+# 1.26, (1024, 256) 1.06; below it 0.85-0.94).
+_UNROLLED_GRADIENT_SUMS_BYTES = 4 * 2**20
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
@@ -834,8 +844,13 @@ def _partials(x4, dy4, center, moments, rows_layout):
     # (float32 sums of x, flushed cache: (32, 64, 56, 56) 850-890 ->
     # 750-775 us, (256, 64, 14, 14) 553-583 -> 462-483 us; float32
     # gradient sums 1.2-1.4x faster; float64 gradient sums 1.1x faster).
-    # In the cache, unrolled sums ran 1.0-1.4x faster.
-    unrolled = (moments and x4.itemsize == 8) or not _from_memory(x4)
+    # In the cache, the sums of x ran 1.0-1.4x faster unrolled. The
+    # gradient sums, sixteen lines at once (eight of x, eight of dy), fall
+    # behind at smaller sizes (``_UNROLLED_GRADIENT_SUMS_BYTES``).
+    if moments:
+        unrolled = x4.itemsize == 8 or not _from_memory(x4)
+    else:
+        unrolled = 2 * x4.nbytes < _UNROLLED_GRADIENT_SUMS_BYTES
     _launch(_channel_partials_rows, x4, dy4, center, moments, unrolled, psum,
             psumprod)
     # (chunks, positions per row * C) is (chunks * positions per row, C):

@@ -67,6 +67,7 @@ def launch_policy(request, monkeypatch):
         monkeypatch.setattr(cpu, "_STREAM_WORKING_SET", 0)
         monkeypatch.setattr(cpu, "_STREAM_MIN_LINE", 0)
         monkeypatch.setattr(cpu, "_FROM_MEMORY_BYTES", 0)
+        monkeypatch.setattr(cpu, "_UNROLLED_GRADIENT_SUMS_BYTES", 0)
     return request.param
 
 
