@@ -197,12 +197,12 @@ def time_interleaved(contenders, rounds, min_sample=2e-3):
     # from one: a first call after other work (waking the thread pool,
     # inputs evicted) took up to 6x as long as the next ones, and cut
     # small cases' samples to a sixth of ``min_sample``.
-    calls = 0
+    warm_calls = 0
     start = time.perf_counter()
     while time.perf_counter() - start < min_sample / 4:
         contenders["numba_bn"]()
-        calls += 1
-    single = (time.perf_counter() - start) / calls
+        warm_calls += 1
+    single = (time.perf_counter() - start) / warm_calls
     inner = max(1, int(min_sample / max(single, 1e-9)))
     samples = {name: [] for name in contenders}
     faults = calls = 0
