@@ -98,8 +98,6 @@ _ROWS_MIN_LENGTH = 256
 # forward without streaming, both layouts, and their backwards (three
 # arrays) were level or slower without it.
 _STREAM_WORKING_SET = 24 * 2**20
-# The L3 of these EPYCs, shared by the cores (see ``_affine``).
-_L3_BYTES = 32 * 2**20
 # ... when the kernel writes them in contiguous lines of at least this many
 # bytes: a line's partial cache lines take ordinary stores, and where those
 # are frequent, mixing the two costs more than it saves (2048 x 64 planes
@@ -392,20 +390,6 @@ def _channel_totals(x4, dy4, c, k, moments, totals, rows, cols):
     totals[1, c] = s2
 
 
-@register_jitable
-def _signed(index):
-    """A ``prange`` index as a signed integer, for the kernel's arithmetic.
-
-    Numba gives the index of a ``prange`` from 0 an unsigned type and puts
-    it in place of the loop variable throughout the body; chunk bounds and
-    plane indices computed from it that way made slower code than from
-    this signed copy (2 threads, median of 15 interleaved rounds:
-    channels-last (32, 512, 7, 7) float32 backward 0.82-0.88x the time,
-    float64 0.77x).
-    """
-    return np.int64(index)
-
-
 # A plane kernel walks chunks of consecutive planes of about this many
 # values in all, with a loop over samples and one over channels in each,
 # not one ``prange`` iteration per plane: splitting a plane index into ``n``
@@ -447,8 +431,7 @@ def _channel_partials(x4, dy4, center, moments, psum, psumprod):
     for every plane (see ``_plane_sums``)."""
     n_samples, n_channels, rows, cols = x4.shape
     chunks, per_chunk = _plane_chunks(x4)
-    for chunk in prange(chunks):
-        p = _signed(chunk)
+    for p in prange(chunks):
         first_n, stop_n = _chunk_samples(p, per_chunk, n_samples, n_channels)
         for n in range(first_n, stop_n):
             first_c, stop_c = _chunk_channels(n, p, per_chunk, n_channels)
@@ -472,22 +455,10 @@ def _plane_chunk_affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, p,
                           stream)
 
 
-@register_jitable
-def _chunk_in_order(p, chunks, from_last):
-    """The chunk that the ``p``-th iteration of a pass over ``chunks``
-    chunks walks: ``p``, or ``chunks - 1 - p`` ``from_last`` (``_signed``
-    either way)."""
-    if from_last:
-        return np.int64(chunks) - 1 - _signed(p)
-    return _signed(p)
-
-
 @njit(parallel=True, cache=True, fastmath=_AFFINE_FLAGS)
-def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4, stream,
-                 from_last):
+def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4, stream):
     """``out = (x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``;
-    nontemporal stores when ``stream``; the chunks in reverse order when
-    ``from_last`` (see ``_affine``).
+    nontemporal stores when ``stream``.
 
     The coefficients go to each plane as scalars (see
     ``_channel.affine_element``).
@@ -500,14 +471,12 @@ def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4, stream,
     if stream:
         for p in prange(chunks):
             _plane_chunk_affine(x4, mean, scale, offset, dy4, gain, with_dy,
-                                out4, _chunk_in_order(p, chunks, from_last),
-                                per_chunk, True)
+                                out4, p, per_chunk, True)
             _fence_streaming_stores()
     else:
         for p in prange(chunks):
             _plane_chunk_affine(x4, mean, scale, offset, dy4, gain, with_dy,
-                                out4, _chunk_in_order(p, chunks, from_last),
-                                per_chunk, False)
+                                out4, p, per_chunk, False)
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
@@ -527,8 +496,7 @@ def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
     n_samples, n_channels, rows, cols = x4.shape
     shift = np.empty(n_channels)
     totals = np.empty((2, n_channels))
-    for channel in prange(n_channels):
-        c = _signed(channel)
+    for c in prange(n_channels):
         shift[c] = x4[0, c, 0, 0]
         _channel_totals(x4, x4, c, shift[c], True, totals, rows, cols)
         _channel.finish_batch_stats(
@@ -554,8 +522,7 @@ def _backward_per_channel(x4, dy4, save_mean, save_invstd, weight,
     ``_forward_per_channel``)."""
     n_samples, n_channels, rows, cols = x4.shape
     totals = np.empty((2, n_channels))
-    for channel in prange(n_channels):
-        c = _signed(channel)
+    for c in prange(n_channels):
         mean = np.float64(save_mean[c])
         _channel_totals(x4, dy4, c, mean, False, totals, rows, cols)
         _channel.finish_backward(
@@ -587,8 +554,7 @@ def _channel_partials_rows(xp, dyp, center, moments, unrolled, psum,
     chunks = psum.shape[0]
     per_chunk = -(-positions // chunks)
     center = _tiled(center, n_channels)
-    for chunk in prange(chunks):
-        p = _signed(chunk)
+    for p in prange(chunks):
         k = np.empty(n_channels)
         for c in range(n_channels):
             k[c] = center[c]
@@ -674,10 +640,9 @@ def _chunk_affine(xp, mean, scale, offset, dyp, gain, with_dy, outp, p,
 
 @njit(parallel=True, cache=True, fastmath=_AFFINE_FLAGS)
 def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, with_dy, outp,
-                      chunks, stream, from_last):
+                      chunks, stream):
     """Channel-innermost twin of ``_affine_pass`` on position-major views,
-    ``chunks`` chunks of positions (``stream``: see ``_plane_affine``,
-    ``from_last``: see ``_affine``)."""
+    ``chunks`` chunks of positions (``stream``: see ``_plane_affine``)."""
     n_samples, rows, cols, n_channels = xp.shape
     per_chunk = -(-n_samples * rows * cols // chunks)
     mean, offset = _folded(xp, mean, scale, offset)
@@ -687,14 +652,12 @@ def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, with_dy, outp,
     if stream:
         for p in prange(chunks):
             _chunk_affine(xp, mean, scale, offset, dyp, gain, with_dy, outp,
-                          _chunk_in_order(p, chunks, from_last), per_chunk,
-                          True)
+                          p, per_chunk, True)
             _fence_streaming_stores()
     else:
         for p in prange(chunks):
             _chunk_affine(xp, mean, scale, offset, dyp, gain, with_dy, outp,
-                          _chunk_in_order(p, chunks, from_last), per_chunk,
-                          False)
+                          p, per_chunk, False)
 
 
 @register_jitable
@@ -906,32 +869,16 @@ def _streams(out, arrays):
             and out.shape[-1] * out.itemsize >= _STREAM_MIN_LINE)
 
 
-def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, rows_layout,
-            after_sums):
+def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, rows_layout):
     """``out4 = (x4 - mean) * scale + offset [+ gain * dy4]`` on the views
-    of ``_views``, right ``after_sums`` of the same inputs or not."""
-    inputs = 2 if with_dy else 1
-    stream = _streams(out4, inputs + 1)
-    # A streamed pass after the sums walks its chunks from the last: those
-    # the sums read last are the likeliest to be still in the L3, where the
-    # inputs fit there (2 threads, PyTorch interleaved, median of 15 rounds
-    # over 3 inputs: (256, 64, 14, 14) float32 training forward 0.82-0.93x
-    # the time, both layouts, its channels-last backward 0.93-0.95x,
-    # channels-last (32, 64, 56, 56) training forward 0.94-0.96x). Not
-    # where they do not fit: the channels-last float32 backward of x and
-    # dy of 51 MB ran 1.02-1.04x the time from the last chunk. Plane
-    # chunks are smaller (16 KiB at (32, 64, 56, 56) against 128 KiB of
-    # rows), likely a new stream for the prefetcher each when walked from
-    # the last, and need the inputs to fit twice over: that float32 NCHW
-    # training forward, 25.7 MB, ran 1.01-1.09x the time from the last.
-    fits = _L3_BYTES if rows_layout else _L3_BYTES // 2
-    from_last = after_sums and stream and inputs * x4.nbytes <= fits
+    of ``_views``."""
+    stream = _streams(out4, 3 if with_dy else 2)
     if rows_layout:
         _launch(_affine_pass_rows, x4, mean, scale, offset, dy4, gain,
-                with_dy, out4, _row_chunks(x4), stream, from_last)
+                with_dy, out4, _row_chunks(x4), stream)
     else:
         _launch(_affine_pass, x4, mean, scale, offset, dy4, gain, with_dy,
-                out4, stream, from_last)
+                out4, stream)
 
 
 # --------------------------------------------------------------------------
@@ -1255,7 +1202,7 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
                             rm, rv, counter, momentum, cumulative, save_mean,
                             save_invstd, scale, offset)
         _affine(x4, save_mean, scale, offset, x4, scale, False, y4,
-                rows_layout, moments is None)
+                rows_layout)
     if running_mean is not None:
         _write_back(running_mean, rm)
         _write_back(running_var, rv)
@@ -1280,8 +1227,7 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
     save_mean, save_invstd, scale, offset = _empties(4, x.shape[1])
     _finish_running_stats(running_mean, running_var, weight, bias, eps,
                           save_mean, save_invstd, scale, offset)
-    _affine(x4, save_mean, scale, offset, x4, scale, False, y4, rows_layout,
-            False)
+    _affine(x4, save_mean, scale, offset, x4, scale, False, y4, rows_layout)
     return _deliver(y, x.dtype, out), save_mean, save_invstd
 
 
@@ -1346,7 +1292,7 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
                          batch_stats, grad_weight, grad_bias, scale, offset,
                          gain)
         _affine(x4, save_mean, scale, offset, dy4, gain, True, dx4,
-                rows_layout, reduces)
+                rows_layout)
     if grad_dtype is not None:
         grad_weight = _to_dtype(grad_weight, grad_dtype)
         grad_bias = _to_dtype(grad_bias, grad_dtype)

@@ -56,9 +56,7 @@ def launch_policy(request, monkeypatch):
     inputs: nontemporal stores, and the walks of inputs read from memory
     (the sums of channel-innermost inputs, all but float64 sums of x, one
     position at a time, see ``cpu._partials``, and the float32 training
-    forward in two passes). The streamed passes walk their chunks from the
-    last where the inputs fit the L3, as these do, except in the serial
-    variant, which walks them in order as on inputs larger than the L3."""
+    forward in two passes)."""
     monkeypatch.setattr(cpu, "_SERIAL_BELOW",
                         2**62 if request.param.startswith("serial") else 0)
     if "two-pass" in request.param:
@@ -70,8 +68,6 @@ def launch_policy(request, monkeypatch):
         monkeypatch.setattr(cpu, "_STREAM_MIN_LINE", 0)
         monkeypatch.setattr(cpu, "_FROM_MEMORY_BYTES", 0)
         monkeypatch.setattr(cpu, "_UNROLLED_GRADIENT_SUMS_BYTES", 0)
-        if request.param.startswith("serial"):
-            monkeypatch.setattr(cpu, "_L3_BYTES", 0)
     return request.param
 
 
