@@ -165,8 +165,12 @@ def torch_contender(torch, op, x, dy, w, b, rm, rv, layout):
     """PyTorch's CPU kernels on the same data and memory format."""
     fmt = (torch.channels_last if layout == "channels_last" and x.ndim == 4
            else torch.contiguous_format)
-    xt = torch.from_numpy(np.ascontiguousarray(x)).contiguous(memory_format=fmt)
-    dyt = torch.from_numpy(np.ascontiguousarray(dy)).contiguous(memory_format=fmt)
+    # Copies, in every layout: numba_bn's sample follows PyTorch's, and
+    # arrays shared with it (NCHW ones were) would be in the cache for
+    # numba_bn's first calls but evicted by NumPy's temporaries for
+    # PyTorch's.
+    xt = torch.from_numpy(x.copy(order="C")).contiguous(memory_format=fmt)
+    dyt = torch.from_numpy(dy.copy(order="C")).contiguous(memory_format=fmt)
     wt, bt = torch.from_numpy(w), torch.from_numpy(b)
     rmt, rvt = torch.from_numpy(rm), torch.from_numpy(rv)
     if op == "backward":
