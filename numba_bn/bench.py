@@ -165,10 +165,9 @@ def torch_contender(torch, op, x, dy, w, b, rm, rv, layout):
     """PyTorch's CPU kernels on the same data and memory format."""
     fmt = (torch.channels_last if layout == "channels_last" and x.ndim == 4
            else torch.contiguous_format)
-    # Copies, in every layout: numba_bn's sample follows PyTorch's, and
-    # arrays shared with it (NCHW ones were) would be in the cache for
-    # numba_bn's first calls but evicted by NumPy's temporaries for
-    # PyTorch's.
+    # Copies, in every layout: with arrays shared (NCHW ones were), what
+    # one contender left in the cache served the next, and the ratios of
+    # some shapes moved by 1.5x either way.
     xt = torch.from_numpy(x.copy(order="C")).contiguous(memory_format=fmt)
     dyt = torch.from_numpy(dy.copy(order="C")).contiguous(memory_format=fmt)
     wt, bt = torch.from_numpy(w), torch.from_numpy(b)
