@@ -16,9 +16,14 @@ Numba's on-disk cache keys a kernel on its own source file only: after
 editing this module, delete ``numba_bn/__pycache__`` (installed packages are
 not edited, so users never meet stale kernels).
 
-Partial sums arrive as ``(P, C)`` float64 arrays: one row per thread block
-on the GPU; the CPU adds its rows (per plane or chunk) first, in the same
-order, and passes one (``cpu._row_totals``).
+Partial sums arrive as ``(P, C)`` float64 arrays: the GPU's last block
+merges its rows and passes one, as the CPU does (``cpu._row_totals``).
+
+Optional per-channel arrays (weight, bias, running buffers, counter,
+gradients) are tested as ``a is not None and a.shape[0] > 0``: the CPU
+passes ``None`` (Numba compiles the branch away, which it does only when
+the test names the argument itself), the GPU an empty placeholder array,
+because numba-cuda's launcher refuses ``None`` as a kernel argument.
 """
 import math
 
@@ -115,16 +120,22 @@ def merge_ranks(channels, gathered, moments, total, total_prod):
 
 
 @register_jitable
-def affine(c, mean, invstd, weight, bias, scale, offset):
-    """Fold normalization and affine map into ``y = (x - mean) * scale + offset``."""
+def affine_coefficients(c, invstd, weight, bias):
+    """``(scale, offset)`` of ``y = (x - mean) * scale + offset``: normalization
+    and affine map folded."""
     s = invstd
-    if weight is not None:
+    if weight is not None and weight.shape[0] > 0:
         s = invstd * np.float64(weight[c])
     b = 0.0
-    if bias is not None:
+    if bias is not None and bias.shape[0] > 0:
         b = np.float64(bias[c])
-    scale[c] = s
-    offset[c] = b
+    return s, b
+
+
+@register_jitable
+def affine(c, mean, invstd, weight, bias, scale, offset):
+    """:func:`affine_coefficients` of channel ``c`` into ``scale``, ``offset``."""
+    scale[c], offset[c] = affine_coefficients(c, invstd, weight, bias)
 
 
 @register_jitable
@@ -142,7 +153,7 @@ def finish_batch_stats(channels, shift, psum, psumsq, count, weight, bias,
     this batch (PyTorch's ``momentum=None``).
     """
     factor = momentum
-    if num_batches_tracked is not None:
+    if num_batches_tracked is not None and num_batches_tracked.shape[0] > 0:
         if cumulative:
             factor = 1.0 / (num_batches_tracked[0] + 1)
     for c in channels:
@@ -154,11 +165,17 @@ def finish_batch_stats(channels, shift, psum, psumsq, count, weight, bias,
         save_mean[c] = mean
         save_invstd[c] = invstd
         affine(c, mean, invstd, weight, bias, scale, offset)
-        if running_mean is not None:
+        if running_mean is not None and running_mean.shape[0] > 0:
             running_mean[c] = ((1.0 - factor) * np.float64(running_mean[c])
                                + factor * mean)
             running_var[c] = ((1.0 - factor) * np.float64(running_var[c])
                               + factor * var * count / (count - 1))
+
+
+@register_jitable
+def running_invstd(running_var, c, eps):
+    """``1 / sqrt(running_var[c] + eps)`` in float64."""
+    return 1.0 / math.sqrt(np.float64(running_var[c]) + eps)
 
 
 @register_jitable
@@ -167,10 +184,21 @@ def finish_running_stats(channels, running_mean, running_var, weight, bias,
     """Normalization coefficients of each channel from the running statistics."""
     for c in channels:
         mean = np.float64(running_mean[c])
-        invstd = 1.0 / math.sqrt(np.float64(running_var[c]) + eps)
+        invstd = running_invstd(running_var, c, eps)
         save_mean[c] = mean
         save_invstd[c] = invstd
         affine(c, mean, invstd, weight, bias, scale, offset)
+
+
+@register_jitable
+def parameter_gradients(c, sum_dy, sum_dy_xmu, invstd, grad_weight,
+                        grad_bias):
+    """``grad_weight[c] = sum(dy * x_hat)`` and ``grad_bias[c] = sum(dy)``,
+    where each exists."""
+    if grad_weight is not None and grad_weight.shape[0] > 0:
+        grad_weight[c] = sum_dy_xmu * invstd
+    if grad_bias is not None and grad_bias.shape[0] > 0:
+        grad_bias[c] = sum_dy
 
 
 @register_jitable
@@ -187,13 +215,9 @@ def finish_backward(channels, psum_dy, psum_dy_xmu, count, save_invstd, weight,
     for c in channels:
         sum_dy, sum_dy_xmu = merged_sums(psum_dy, psum_dy_xmu, c)
         invstd = np.float64(save_invstd[c])
-        if grad_weight is not None:
-            grad_weight[c] = sum_dy_xmu * invstd
-        if grad_bias is not None:
-            grad_bias[c] = sum_dy
-        g = invstd
-        if weight is not None:
-            g = invstd * np.float64(weight[c])
+        parameter_gradients(c, sum_dy, sum_dy_xmu, invstd, grad_weight,
+                            grad_bias)
+        g, _ = affine_coefficients(c, invstd, weight, None)
         gain[c] = g
         if batch_stats:
             scale[c] = -g * invstd * invstd * sum_dy_xmu / count

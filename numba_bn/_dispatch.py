@@ -86,6 +86,24 @@ def backend_named(device):
     if device == "cpu":
         return cpu
     if device == "cuda":
-        from . import cuda
-        return cuda
+        return _cuda_backend()
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def _cuda_backend():
+    """``numba_bn.cuda``, once a usable GPU and numba-cuda are known to be there.
+
+    Raises
+    ------
+    RuntimeError
+        numba_bn's own, naming the extras, instead of Numba's driver message.
+    """
+    try:
+        from . import cuda
+    except ImportError as exc:
+        raise RuntimeError(
+            "device='cuda' needs numba-cuda and CuPy: pip install "
+            "'numba_bn[cuda12]' (CUDA 12) or 'numba_bn[cuda13]' (CUDA 13)"
+        ) from exc
+    cuda.require_gpu()
+    return cuda

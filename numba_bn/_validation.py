@@ -127,14 +127,14 @@ def check_construction(num_features, eps, momentum, track_running_stats,
     return param_dtype
 
 
-def check_out(out, like, inputs, device):
+def check_out(out, like, inputs, backend):
     """``out=`` has the shape, dtype and device of ``like`` and overlaps no input."""
-    check_device(out, device, "out")
+    check_device(out, backend.DEVICE, "out")
     if tuple(out.shape) != tuple(like.shape):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected "
                          f"{tuple(like.shape)}")
     if np.dtype(out.dtype) != np.dtype(like.dtype):
         raise TypeError(f"out dtype {out.dtype} does not match {like.dtype}")
-    if device == "cpu" and any(np.may_share_memory(out, a) for a in inputs):
+    if any(backend.may_share_memory(out, a) for a in inputs):
         raise ValueError("out must not overlap the input arrays (the module's "
                          "backward reads the forward's input)")

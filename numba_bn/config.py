@@ -10,6 +10,13 @@ threads_per_block = 256
 """Threads per block of every GPU kernel. A power of two: the shared-memory
 reductions halve it at every step."""
 
+channel_lanes = 32
+"""Threads of a block along its x axis, a power of two dividing
+``threads_per_block``: a warp's worth, so that channels-last threads of a warp
+read neighbouring channels (one coalesced access), and NCHW ones neighbouring
+positions. The block's other axis takes ``threads_per_block // channel_lanes``
+rows of threads."""
+
 reduction_blocks = 1024
 """Blocks a per-channel reduction aims for, over all channels together: each
 channel gets ``max(1, reduction_blocks // C)`` blocks (fewer if it has fewer

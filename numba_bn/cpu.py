@@ -715,10 +715,15 @@ def _merge_partials(psum, psumprod, total, total_prod):
 
 
 @njit(cache=True)
-def _merge_ranks(gathered, moments, header, total, total_prod):
+def _merge_ranks(gathered, moments, header, partials, center):
     header[:, :] = gathered[:, :2]
-    _channel.merge_ranks(range(total.shape[0]), gathered, moments, total,
-                         total_prod)
+    if moments:
+        _channel.merge_ranks(range(center.shape[0]), gathered, True, center,
+                             partials[1, 0])
+        partials[0, 0, :] = 0.0
+    else:
+        _channel.merge_ranks(range(center.shape[0]), gathered, False,
+                             partials[0, 0], partials[1, 0])
 
 
 # --------------------------------------------------------------------------
@@ -1122,6 +1127,11 @@ def copy_from_host(target, values):
     target[...] = values
 
 
+def may_share_memory(a, b):
+    """Whether arrays ``a`` and ``b`` may overlap (``numpy.may_share_memory``)."""
+    return np.may_share_memory(a, b)
+
+
 def message_buffer(a):
     """``a`` as an MPI buffer (SyncBatchNorm): ``a`` itself."""
     return a
@@ -1154,9 +1164,11 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     out : numpy.ndarray, optional
         Validated output array (shape and dtype of ``x``) to fill and return.
     moments : tuple, optional
-        ``(count, mean, m2)``: the statistics of a batch that ``x`` is part
-        of (SyncBatchNorm), as a value count and ``(C,)`` float64 means and
-        sums of squared deviations; then ``x``'s own are not computed.
+        ``(count, shift, partials)``: the statistics of a batch that ``x``
+        is part of (SyncBatchNorm), as :func:`merge_ranks` returns them: the
+        value count, ``(C,)`` float64 shifts and the ``(2, 1, C)`` float64
+        sums of ``x - shift`` and its square; then ``x``'s own are not
+        computed.
 
     Returns
     -------
@@ -1194,10 +1206,7 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
             psum, psumsq = _partials(x4, x4, shift, True, rows_layout)
             count = x.size // n_channels
         else:
-            # Sums about the mean itself: the first is 0, the second is m2.
-            count, shift, m2 = moments
-            psum = np.zeros((1, n_channels))
-            psumsq = m2.reshape(1, n_channels)
+            count, shift, (psum, psumsq) = moments
         _finish_batch_stats(shift, psum, psumsq, count, weight, bias, eps,
                             rm, rv, counter, momentum, cumulative, save_mean,
                             save_invstd, scale, offset)
@@ -1250,11 +1259,12 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     out : numpy.ndarray, optional
         Validated output array for ``dx``.
     sums : tuple, optional
-        ``(count, sum_dy, sum_dy_xmu)`` over a batch that ``x`` is part of
-        (SyncBatchNorm): the value count and ``(C,)`` float64 sums of ``dy``
-        and ``dy * (x - save_mean)`` for the coefficients of ``dx``, in
-        place of ``x``'s own. Parameter gradients (``grad_dtype``) would
-        come from them too: ask for none then.
+        ``(count, partials, message, rank)`` over a batch that ``x`` is
+        part of (SyncBatchNorm): the value count and the ``(2, 1, C)``
+        float64 sums of ``dy`` and ``dy * (x - save_mean)`` for the
+        coefficients of ``dx``, in place of ``x``'s own, as
+        :func:`merge_ranks` returns them; the parameter gradients come from
+        this rank's own sums, row ``rank`` of the gathered ``message``.
 
     Returns
     -------
@@ -1278,10 +1288,9 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
                 weight, batch_stats, grad_weight, grad_bias, scale, offset,
                 gain, dx4, _streams(dx4, 3))
     else:
+        message = None
         if sums is not None:
-            count, sum_dy, sum_dy_xmu = sums
-            psum_dy = sum_dy.reshape(1, n_channels)
-            psum_dy_xmu = sum_dy_xmu.reshape(1, n_channels)
+            count, (psum_dy, psum_dy_xmu), message, rank = sums
         elif reduces:
             psum_dy, psum_dy_xmu = _partials(x4, dy4, save_mean, False,
                                              rows_layout)
@@ -1291,6 +1300,12 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
         _finish_backward(psum_dy, psum_dy_xmu, count, save_invstd, weight,
                          batch_stats, grad_weight, grad_bias, scale, offset,
                          gain)
+        if message is not None and grad_dtype is not None:
+            # Parameter gradients of this rank's own sums, as in PyTorch.
+            own = message[rank, 2:].reshape(2, 1, n_channels)
+            _finish_backward(own[0], own[1], count, save_invstd, weight,
+                             batch_stats, grad_weight, grad_bias,
+                             *_empties(3, n_channels))
         _affine(x4, save_mean, scale, offset, dy4, gain, True, dx4,
                 rows_layout)
     if grad_dtype is not None:
@@ -1299,86 +1314,65 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     return _deliver(dx, dy.dtype, out), grad_weight, grad_bias
 
 
-def channel_sums(x, dy, center, moments, out=None):
-    """Per-channel float64 totals of ``u`` and ``u * (x - center)``.
+def write_message(gathered, rank, x, dy, center, moments):
+    """This rank's SyncBatchNorm message, into row ``rank`` of ``gathered``.
 
-    ``u = x - center`` with ``moments``, else ``u = dy``: the two reductions
-    of the forward and the backward, for callers that combine them across
-    processes before normalizing (SyncBatchNorm).
-
-    Parameters
-    ----------
-    x, dy : numpy.ndarray
-        Validated arrays of one shape (pass ``x`` as ``dy`` with
-        ``moments``).
-    center : numpy.ndarray
-        ``(C,)`` float64.
-    moments : bool
-    out : tuple of two numpy.ndarray, optional
-        ``(C,)`` float64 arrays to write the totals to.
-
-    Returns
-    -------
-    total, total_prod : numpy.ndarray
-        ``(C,)`` float64 (``out`` when given).
-    """
-    x, dy = _computable_like(x, dy)
-    # x is its own target here: the views are read, nothing is written.
-    _, (x4, dy4, _), rows_layout = _views([x, dy], x)
-    psum, psumprod = _partials(x4, dy4, center, moments, rows_layout)
-    total, total_prod = _empties(2, x.shape[1]) if out is None else out
-    _merge_partials(psum, psumprod, total, total_prod)
-    return total, total_prod
-
-
-def merge_ranks(gathered, moments):
-    """Whole-batch totals from every process's per-channel sums (SyncBatchNorm).
+    ``[1, count, *shift, *s1, *s2]`` with ``moments``: the shift is a sample
+    of each channel, ``x[0, c, 0, ...]``, and ``s1``, ``s2`` the sums of
+    ``x - shift`` and its square (they do not cancel when the mean is
+    large). Otherwise ``[1, count, *sum(dy), *sum(dy * (x - center))]``.
 
     Parameters
     ----------
     gathered : numpy.ndarray
-        ``(P, L)`` float64, one message per process in rank order:
-        ``[ok, count, *shift, *s1, *s2]`` with ``moments``, else
-        ``[ok, count, *sum_a, *sum_b]`` (see ``_channel.merge_ranks``).
+        ``(P, L)`` float64 message buffer of every rank.
+    rank : int
+    x, dy : numpy.ndarray
+        Validated arrays of one shape, not empty (pass ``x`` as ``dy`` with
+        ``moments``).
+    center : numpy.ndarray or None
+        ``(C,)`` float64 forward mean (backward only).
+    moments : bool
+    """
+    x, dy = _computable_like(x, dy)
+    # x is its own target here: the views are read, nothing is written.
+    _, (x4, dy4, _), rows_layout = _views([x, dy], x)
+    n_channels = x.shape[1]
+    row = gathered[rank]
+    row[:2] = 1, x.size // n_channels
+    if moments:
+        center = row[2:2 + n_channels]
+        center[:] = (x4[0, 0, 0, :n_channels] if rows_layout
+                     else x4[0, :, 0, 0])
+    psum, psumprod = _partials(x4, dy4, center, moments, rows_layout)
+    _merge_partials(psum, psumprod, row[-2 * n_channels:-n_channels],
+                    row[-n_channels:])
+
+
+def merge_ranks(gathered, moments):
+    """Whole-batch totals from every process's message (SyncBatchNorm).
+
+    Parameters
+    ----------
+    gathered : numpy.ndarray
+        ``(P, L)`` float64, one message per process in rank order (see
+        :func:`write_message`).
     moments : bool
 
     Returns
     -------
     header : numpy.ndarray
         ``(P, 2)`` float64: each process's ``ok`` flag and value count.
-    total, total_prod : numpy.ndarray
-        ``(C,)`` float64: the whole batch's mean and sum of squared
-        deviations with ``moments``, else the two sums.
+    partials : numpy.ndarray
+        ``(2, 1, C)`` float64: with ``moments`` the whole batch's sums of
+        ``x - mean`` (0) and of its square (``m2``); else the two sums.
+    center : numpy.ndarray
+        ``(C,)`` float64: with ``moments`` the whole batch's mean (the
+        shift of ``partials``).
     """
     n_channels = (gathered.shape[1] - 2) // (3 if moments else 2)
     header = np.empty((gathered.shape[0], 2))
-    total, total_prod = _empties(2, n_channels)
-    _merge_ranks(gathered, moments, header, total, total_prod)
-    return header, total, total_prod
-
-
-def parameter_gradients(sum_dy, sum_dy_xmu, save_invstd, grad_dtype):
-    """``grad_weight`` and ``grad_bias`` from a batch's gradient sums.
-
-    Parameters
-    ----------
-    sum_dy, sum_dy_xmu : numpy.ndarray
-        ``(C,)`` float64 sums of ``dy`` and ``dy * (x - save_mean)``.
-    save_invstd : numpy.ndarray
-        The statistics the forward used.
-    grad_dtype : numpy.dtype
-
-    Returns
-    -------
-    grad_weight, grad_bias : numpy.ndarray
-        ``sum_dy_xmu * save_invstd`` and ``sum_dy``, in ``grad_dtype``.
-    """
-    n_channels = sum_dy.shape[0]
-    grad_weight, grad_bias = _empties(2, n_channels,
-                                      _compute_dtype(grad_dtype))
-    scale, offset, gain = _empties(3, n_channels)
-    _finish_backward(sum_dy.reshape(1, n_channels),
-                     sum_dy_xmu.reshape(1, n_channels), 1,
-                     _computable(save_invstd)[0], None, False, grad_weight,
-                     grad_bias, scale, offset, gain)
-    return _to_dtype(grad_weight, grad_dtype), _to_dtype(grad_bias, grad_dtype)
+    partials = np.empty((2, 1, n_channels))
+    center = np.empty(n_channels)
+    _merge_ranks(gathered, moments, header, partials, center)
+    return header, partials, center

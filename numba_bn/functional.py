@@ -254,7 +254,7 @@ def check_output(out, like, inputs, backend):
     # CUDA tensor's dtype is no NumPy dtype.
     check.check_device(out, backend.DEVICE, "out")
     out = backend_for(out)[1]
-    check.check_out(out, like, inputs, backend.DEVICE)
+    check.check_out(out, like, inputs, backend)
     return out
 
 

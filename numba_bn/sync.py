@@ -33,11 +33,6 @@ def _mpi():
     return MPI
 
 
-def _first_sample(x):
-    """``x[0, :, 0, ...]``: one value of each channel (a view, same device)."""
-    return x[(0, slice(None)) + (0,) * (x.ndim - 2)]
-
-
 def _mpi_reads_gpu_memory(mpi):
     """Whether the MPI library takes CUDA device buffers (is CUDA-aware).
 
@@ -141,6 +136,8 @@ class SyncBatchNorm(_BatchNorm):
         # Whether the collectives take GPU buffers; None until the first
         # exchange (_agree_on_channels).
         self._gpu_buffers = None
+        # The last exchange's messages of every rank.
+        self._gathered = None
 
     def forward(self, x, *, out=None):
         """Normalize ``x``, this rank's shard of the batch.
@@ -174,18 +171,19 @@ class SyncBatchNorm(_BatchNorm):
             input_backend, x = backend_for(x)
             self._check_input(x, input_backend)
             out = check_output(out, x, [x], backend)
-            self._write_sums(backend, gathered[self.comm.rank], x, x, None)
+            self._write_sums(backend, gathered, x, x, None)
         except Exception:
             self._exchange(backend, gathered, False, True)
             raise
-        count, mean, m2 = self._exchange(backend, gathered, True, True)
+        count, partials, mean = self._exchange(backend, gathered, True, True)
         if count == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, got 1 "
                 "in the batches of all ranks together")
         if count == 0:  # every shard empty: nothing changes, as in BatchNorm
             return self._normalize(backend, x, out)
-        return self._normalize(backend, x, out, moments=(count, mean, m2))
+        return self._normalize(backend, x, out,
+                               moments=(count, mean, partials))
 
     def backward(self, dy, *, out=None):
         """This rank's slice of the whole batch's input gradient.
@@ -219,24 +217,22 @@ class SyncBatchNorm(_BatchNorm):
             # to share.
             return super().backward(dy, out=out)
         backend, gathered = self._exchange_buffer(2)
-        own = gathered[self.comm.rank]
         try:
             dy = check_gradient(dy, x, backend)
             out = check_output(out, dy, [dy, x], backend)
-            self._write_sums(backend, own, x, dy, save_mean)
+            self._write_sums(backend, gathered, x, dy, save_mean)
         except Exception:
             self._exchange(backend, gathered, False, False)
             raise
-        sums = self._exchange(backend, gathered, True, False)
-        dx, _, _ = gradients(backend, dy, x, self.weight, save_mean,
-                             save_invstd, True, None, out, sums=sums)
-        self.grad_weight = self.grad_bias = None
-        if self.weight is not None:
-            grad_weight, grad_bias = backend.parameter_gradients(
-                own[2:2 + self.num_features], own[2 + self.num_features:],
-                save_invstd, self.dtype)
-            self.grad_weight = grad_weight
-            self.grad_bias = grad_bias if self.bias is not None else None
+        count, partials, _ = self._exchange(backend, gathered, True, False)
+        # The gathered messages hold this rank's own sums too: the
+        # parameter gradients come from those (``cpu.backward``).
+        dx, grad_weight, grad_bias = gradients(
+            backend, dy, x, self.weight, save_mean, save_invstd, True,
+            None if self.weight is None else self.dtype, out,
+            sums=(count, partials, self._gathered, self.comm.rank))
+        self.grad_weight = grad_weight
+        self.grad_bias = grad_bias if self.bias is not None else None
         return dx
 
     def _exchange_buffer(self, blocks):
@@ -274,68 +270,62 @@ class SyncBatchNorm(_BatchNorm):
         A rank whose own work failed (``ok`` False) sends a row flagged as
         failed, gets None back and raises its own error; the others raise
         here, all alike, so no rank is left waiting in a later collective.
+        The gathered messages are kept as ``self._gathered``.
 
         Returns
         -------
         count : int
             Values per channel in the whole batch.
-        total, total_prod : array
-            ``(C,)`` float64 on ``backend``: see :func:`numba_bn.cpu.merge_ranks`.
+        partials, center : array
+            The whole batch's sums, on ``backend``: see
+            :func:`numba_bn.cpu.merge_ranks`.
         """
-        own = gathered[self.comm.rank]
         if not ok:
-            _write_blank(backend, own, ok)
+            _write_blank(backend, gathered, self.comm.rank, ok)
         in_place = _mpi().IN_PLACE
         if backend is cpu or self._gpu_buffers:
             self.comm.Allgather(in_place, backend.message_buffer(gathered))
         else:  # staged through host memory
-            staged = np.empty(gathered.shape)
-            staged[self.comm.rank] = backend.to_host(own)
+            staged = backend.to_host(gathered)
             self.comm.Allgather(in_place, staged)
             gathered = backend.from_host(staged)
         if not ok:
             return None
-        header, total, total_prod = backend.merge_ranks(gathered, moments)
+        self._gathered = gathered
+        header, partials, center = backend.merge_ranks(gathered, moments)
         header = backend.to_host(header)
         failed = np.flatnonzero(header[:, 0] == 0).tolist()
         if failed:
             raise RuntimeError(
                 f"SyncBatchNorm: rank(s) {failed} of the communicator raised "
                 "in this call (see their error); nothing was changed")
-        return int(header[:, 1].sum()), total, total_prod
+        return int(header[:, 1].sum()), partials, center
 
-    def _write_sums(self, backend, own, x, dy, center):
-        """This shard's message, into ``own``.
+    def _write_sums(self, backend, gathered, x, dy, center):
+        """This shard's message, into row ``comm.rank`` of ``gathered``.
 
         Forward (``center`` None): ``[1, count, *shift, *s1, *s2]``, with
         ``s1``, ``s2`` the per-channel sums of ``x - shift`` and its square
-        about a sample of each channel, so that they do not cancel (see
-        :func:`numba_bn.cpu.forward_batch_stats`). Backward (``center`` the
-        forward's mean): ``[1, count, *sum(dy), *sum(dy * (x - center))]``.
+        about a sample of each channel, so that they do not cancel.
+        Backward (``center`` the forward's mean):
+        ``[1, count, *sum(dy), *sum(dy * (x - center))]``. See
+        :func:`numba_bn.cpu.write_message`.
         """
-        moments = center is None
-        n_channels = self.num_features
-        count = x.size // n_channels
-        if count == 0:
-            _write_blank(backend, own, True)
+        if x.size == 0:
+            _write_blank(backend, gathered, self.comm.rank, True)
             return
-        head = np.empty(2 + (n_channels if moments else 0))
-        head[:2] = 1, count
-        if moments:
-            head[2:] = backend.to_host(_first_sample(x))
-            center = own[2:head.size]
-        backend.copy_from_host(own[:head.size], head)
-        sums = own[head.size:]
-        backend.channel_sums(x, dy, center, moments,
-                             out=(sums[:n_channels], sums[n_channels:]))
+        backend.write_message(gathered, self.comm.rank, x, dy, center,
+                              center is None)
 
 
-def _write_blank(backend, own, ok):
-    """A message without sums, ``[ok, 0, 0, ...]``: an empty shard's, or a
-    failed rank's (``ok`` False)."""
-    blank = np.zeros(own.shape[0])
-    blank[0] = ok
-    backend.copy_from_host(own, blank)
+def _write_blank(backend, gathered, rank, ok):
+    """A message without sums, ``[ok, 0, 0, ...]``, in row ``rank``: an
+    empty shard's, or a failed rank's (``ok`` False). The other rows are
+    overwritten by the collective, so the whole buffer is written at once
+    (no device slicing on the host)."""
+    blank = np.zeros(gathered.shape)
+    blank[rank, 0] = ok
+    backend.copy_from_host(gathered, blank)
 
 
 def convert_sync_batchnorm(module, comm=None):

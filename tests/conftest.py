@@ -26,5 +26,6 @@ def tiny_launches(monkeypatch):
     several blocks, a ragged last block and grid-stride loops."""
     from numba_bn import config
     monkeypatch.setattr(config, "threads_per_block", 4)
+    monkeypatch.setattr(config, "channel_lanes", 2)
     monkeypatch.setattr(config, "reduction_blocks", 6)
     monkeypatch.setattr(config, "element_blocks", 3)

@@ -121,21 +121,30 @@ def test_float16_statistics_accumulate_wide(rng):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
-def test_channel_sums_about_any_center(rng, layout):
-    """The backends' shifted sums (SyncBatchNorm exchanges them) are float64
-    sums about the float64 center given, also one that float32 cannot hold."""
+def test_message_sums_about_their_center(rng, layout):
+    """The messages SyncBatchNorm exchanges hold float64 sums: forward about
+    a sample of each channel, backward about the float64 center given, also
+    one that float32 cannot hold."""
     from numba_bn import cpu
     x = hard_input(rng, (4096, 4) if layout == "rows" else (16, 4, 9, 5))
     if layout == "channels_last":
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     axes = (0,) + tuple(range(2, x.ndim))
-    mean = x.astype(np.float64).mean(axis=axes)
-    center = mean + 0.3 + 1e-9 * np.arange(4)
+    sample = x[(0, slice(None)) + (0,) * (x.ndim - 2)].astype(np.float64)
+    center = x.astype(np.float64).mean(axis=axes) + 0.3 + 1e-9 * np.arange(4)
     dy = rng.normal(size=x.shape).astype(np.float32)
-    u = x.astype(np.float64) - center.reshape((1, 4) + (1,) * (x.ndim - 2))
-    for moments, weight in ((True, u), (False, dy.astype(np.float64))):
-        total, total_prod = cpu.channel_sums(x, x if moments else dy, center,
-                                             moments)
+    for moments, k in ((True, sample), (False, center)):
+        u = x.astype(np.float64) - k.reshape((1, 4) + (1,) * (x.ndim - 2))
+        weight = u if moments else dy.astype(np.float64)
+        gathered = np.full((3, 2 + (3 if moments else 2) * 4), np.nan)
+        cpu.write_message(gathered, 1, x, x if moments else dy,
+                          None if moments else center, moments)
+        row = gathered[1]
+        assert np.isnan(gathered[[0, 2]]).all()  # only its own row
+        np.testing.assert_array_equal(row[:2], [1, x.size // 4])
+        if moments:
+            np.testing.assert_array_equal(row[2:6], sample)
+        total, total_prod = row[-8:-4], row[-4:]
         np.testing.assert_allclose(total, weight.sum(axis=axes),
                                    rtol=1e-9, atol=1e-9 * x.size)
         # float64 sums: rounding far below float32's, relative to the
