@@ -7,8 +7,9 @@ several blocks with a ragged last one.
 """
 
 threads_per_block = 256
-"""Threads per block of every GPU kernel. A power of two: the shared-memory
-reductions halve it at every step."""
+"""Threads per block of every GPU kernel. A power of two (the shared-memory
+reductions halve it at every step), at most 256 (the kernels' launch
+bounds, ``cuda._LAUNCH_BOUNDS``)."""
 
 channel_lanes = 32
 """Threads of a block along its x axis, a power of two dividing

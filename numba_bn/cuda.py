@@ -70,6 +70,13 @@ _MAX_GRID_Y = 65535
 # bandwidth). Two keep both kernels within 64 registers a thread (four took
 # 72 and 80), so that at least half of the warps an SM holds fit.
 _UNROLL = 2
+# At most 256 threads a block (``config.threads_per_block``), and registers
+# for 4 such blocks an SM: 64 a thread, half the warps an SM can hold, enough
+# to keep loads in flight. ptxas then fits the statistics kernel's float16
+# finishers in 64 registers without spilling (68 unbounded).
+_LAUNCH_BOUNDS = (256, 4)
+# The simulator's jit takes no launch bounds.
+_STREAMING = {} if _SIMULATOR else {"launch_bounds": _LAUNCH_BOUNDS}
 # Position arithmetic is 32-bit: a channel holds at most this many values.
 _MAX_POSITIONS = 2**32 - 1
 
@@ -361,7 +368,7 @@ def _affine_walk(x4, dy4, with_dy, out4, c, mean, scale, offset, gain, first,
 # --------------------------------------------------------------------------
 # kernels
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=True, **_STREAMING)
 def _statistics(x4, dy4, moments, walk, center, count, partials, counters,
                 channels_last, finish, weight, bias, eps, running_mean,
                 running_var, num_batches_tracked, momentum, cumulative,
@@ -440,7 +447,7 @@ def _statistics(x4, dy4, moments, walk, center, count, partials, counters,
         num_batches_tracked[0] += 1
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=True, **_STREAMING)
 def _normalize(x4, dy4, with_dy, out4, channels_last, source, coefficients,
                mean, spread, weight, bias, eps, save_mean, save_invstd):
     """``out = (x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``,

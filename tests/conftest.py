@@ -29,3 +29,19 @@ def tiny_launches(monkeypatch):
     monkeypatch.setattr(config, "channel_lanes", 2)
     monkeypatch.setattr(config, "reduction_blocks", 6)
     monkeypatch.setattr(config, "element_blocks", 3)
+
+
+@pytest.fixture(autouse=True)
+def launches_the_hardware_accepts():
+    """Under the CUDA simulator, fail a test any of whose kernel launches
+    numba-cuda's hardware launcher would refuse (``launch_rules``)."""
+    import numba
+    if not numba.config.ENABLE_CUDASIM:
+        yield
+        return
+    from . import launch_rules
+    with launch_rules.recording() as launches:
+        yield launches
+    refused = launch_rules.refusals(launches)
+    if refused:
+        pytest.fail("the hardware launcher would refuse:\n" + "\n".join(refused))
