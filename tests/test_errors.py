@@ -218,3 +218,17 @@ def test_cuda_tensor_requiring_grad_is_told_to_detach():
             raise RuntimeError("Can't export tensors that require gradient, use tensor.detach()")
     with pytest.raises(TypeError, match=r"detach\(\)"):
         nbn.BatchNorm2d(3)(RequiresGrad())
+
+
+def test_cuda_without_a_gpu_raises_numba_bns_error(monkeypatch):
+    """device='cuda' and .to('cuda') name the extras, not Numba's driver
+    message, where no GPU is usable (this machine, unless a GPU is lent)."""
+    from numba_bn import cuda as backend
+    monkeypatch.setattr(backend, "_SIMULATOR", False)
+    monkeypatch.setattr(backend, "_gpu_usable", lambda: False)
+    with pytest.raises(RuntimeError, match=r"numba_bn\[cuda12\].*numba_bn\[cuda13\]"):
+        nbn.BatchNorm2d(3, device="cuda")
+    bn = nbn.BatchNorm2d(3)
+    with pytest.raises(RuntimeError, match="cuda13"):
+        bn.to("cuda")
+    assert bn.device == "cpu" and isinstance(bn.weight, np.ndarray)

@@ -18,6 +18,7 @@ from numba_bn._dispatch import backend_named
 
 from .. import reference as ref
 from ..conftest import TOLERANCE
+from .arrays import host, to_device
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 pytestmark = [pytest.mark.skipif(not SIMULATOR and not cuda.is_available(),
@@ -28,9 +29,6 @@ MODULES = {2: nbn.BatchNorm1d, 3: nbn.BatchNorm1d, 4: nbn.BatchNorm2d,
            5: nbn.BatchNorm3d}
 SHAPES = [(5, 3), (2, 3, 5), (3, 2, 2, 3), (2, 2, 2, 1, 3)]
 
-
-def host(a):
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a.get())
 
 
 def close(actual, expected, dtype, scale=1.0):
@@ -54,8 +52,8 @@ def test_training_and_eval_steps_match_reference(shape, dtype, param_dtype, rng)
         bn.train(training)
         x = rng.normal(10 * step, 2, shape).astype(dtype)
         dy = rng.normal(0, 1, shape).astype(dtype)
-        y = bn(cuda.to_device(x))
-        dx = bn.backward(cuda.to_device(dy))
+        y = bn(to_device(x))
+        dx = bn.backward(to_device(dy))
         if training:
             mean, var = ref.batch_stats(x)
             dx_ref, dw_ref, db_ref = ref.backward_batch_stats(dy, x, w)
@@ -81,8 +79,8 @@ def test_gpu_equals_cpu_module(rng):
     dy = rng.normal(size=x.shape)
     cpu = nbn.BatchNorm2d(3, momentum=0.3, dtype="float64")
     gpu = nbn.BatchNorm2d(3, momentum=0.3, dtype="float64", device="cuda")
-    np.testing.assert_allclose(host(gpu(cuda.to_device(x))), cpu(x), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(host(gpu.backward(cuda.to_device(dy))), cpu.backward(dy),
+    np.testing.assert_allclose(host(gpu(to_device(x))), cpu(x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(host(gpu.backward(to_device(dy))), cpu.backward(dy),
                                rtol=1e-11, atol=1e-12)
     for key, value in cpu.state_dict().items():
         np.testing.assert_allclose(gpu.state_dict()[key], value, rtol=1e-12)
@@ -99,14 +97,14 @@ def test_channels_last_and_strided_views(rng):
     close(y, ref.forward(x, m_ref, v_ref), np.float32, scale=3)
     close(mean, m_ref, np.float32, scale=3)
     dy = rng.normal(size=x.shape).astype(np.float32)
-    dx, _, _ = nbn.batch_norm_backward(cuda.to_device(dy), d, None, mean, invstd)
+    dx, _, _ = nbn.batch_norm_backward(to_device(dy), d, None, mean, invstd)
     close(dx, ref.backward_batch_stats(dy, x)[0], np.float32, scale=3)
 
 
 def test_3d_input_sliced_in_every_spatial_axis_is_copied_on_device(rng):
     full = rng.normal(size=(2, 2, 4, 4, 4))
     x = full[:, :, ::2, ::2, ::2]
-    d = cuda.to_device(full)[:, :, ::2, ::2, ::2]
+    d = to_device(full)[:, :, ::2, ::2, ::2]
     y = nbn.BatchNorm3d(2, dtype="float64", device="cuda")(d)
     mean, var = ref.batch_stats(x)
     close(y, ref.forward(x, mean, var), np.float64, scale=3)
@@ -114,14 +112,14 @@ def test_3d_input_sliced_in_every_spatial_axis_is_copied_on_device(rng):
 
 def test_functional_batch_norm_updates_device_buffers(rng):
     x = rng.normal(2, 1, (6, 3))
-    rm, rv = cuda.to_device(np.zeros(3)), cuda.to_device(np.ones(3))
-    y = nbn.batch_norm(cuda.to_device(x), rm, rv, training=True, momentum=0.5)
+    rm, rv = to_device(np.zeros(3)), to_device(np.ones(3))
+    y = nbn.batch_norm(to_device(x), rm, rv, training=True, momentum=0.5)
     mean, var = ref.batch_stats(x)
     close(y, ref.forward(x, mean, var), np.float64, scale=3)
     rm_ref, rv_ref = ref.running_update(np.zeros(3), np.ones(3), x, 0.5)
     close(rm, rm_ref, np.float64)
     close(rv, rv_ref, np.float64)
-    y_eval = nbn.batch_norm(cuda.to_device(x), rm, rv, training=False)
+    y_eval = nbn.batch_norm(to_device(x), rm, rv, training=False)
     close(y_eval, ref.forward(x, rm_ref, rv_ref), np.float64, scale=3)
 
 
@@ -132,12 +130,12 @@ def test_frozen_module_on_gpu(rng):
     bn.load_state_dict(state)
     x = rng.normal(size=(1, 2))  # one value per channel is fine when frozen
     dy = rng.normal(size=(1, 2))
-    y = bn(cuda.to_device(x))
+    y = bn(to_device(x))
     close(y, ref.forward(x, state["running_mean"], state["running_var"],
                          state["weight"], state["bias"]), np.float64, scale=3)
     dx_ref = ref.backward_running_stats(dy, x, state["running_mean"],
                                         state["running_var"], state["weight"])[0]
-    close(bn.backward(cuda.to_device(dy)), dx_ref, np.float64, scale=3)
+    close(bn.backward(to_device(dy)), dx_ref, np.float64, scale=3)
     assert bn.grad_weight is None and bn.grad_bias is None
     for key, value in state.items():
         np.testing.assert_array_equal(bn.state_dict()[key], value)
@@ -147,13 +145,13 @@ def test_device_mismatch_names_to_and_changes_nothing(rng):
     x = rng.normal(size=(4, 3, 2, 2)).astype(np.float32)
     on_cpu = nbn.BatchNorm2d(3)
     with pytest.raises(ValueError, match=r"\.to\('cuda'\)"):
-        on_cpu(cuda.to_device(x))
+        on_cpu(to_device(x))
     on_gpu = nbn.BatchNorm2d(3, device="cuda")
     with pytest.raises(ValueError, match=r"\.to\('cpu'\)"):
         on_gpu(x)
     assert int(host(on_gpu.num_batches_tracked)) == 0
     with pytest.raises(ValueError, match=r"\.to\('cuda'\)"):
-        nbn.batch_norm(cuda.to_device(x), np.zeros(3, np.float32),
+        nbn.batch_norm(to_device(x), np.zeros(3, np.float32),
                        np.ones(3, np.float32))
 
 
@@ -169,7 +167,7 @@ def test_to_moves_everything_and_back(rng):
     for key, value in before.items():
         np.testing.assert_array_equal(bn.state_dict()[key], value)
     with pytest.raises(RuntimeError, match="before any forward"):
-        bn.backward(cuda.to_device(np.ones_like(x)))  # the saved input stayed on the CPU
+        bn.backward(to_device(np.ones_like(x)))  # the saved input stayed on the CPU
     bn.to("cpu")
     assert isinstance(bn.weight, np.ndarray) and isinstance(bn.num_batches_tracked, np.ndarray)
     bn.reset_parameters()
@@ -178,7 +176,7 @@ def test_to_moves_everything_and_back(rng):
 
 def test_empty_batch_and_resets_on_gpu():
     bn = nbn.BatchNorm2d(2, device="cuda")
-    y = bn(cuda.to_device(np.zeros((0, 2, 3, 3), np.float32)))
+    y = bn(to_device(np.zeros((0, 2, 3, 3), np.float32)))
     assert y.shape == (0, 2, 3, 3)
     assert int(host(bn.num_batches_tracked)) == 0
     bn.load_state_dict({"weight": [3, 3], "bias": [1, 1], "running_mean": [1, 1],
@@ -193,15 +191,15 @@ def test_empty_batch_and_resets_on_gpu():
 def test_out_on_gpu(sliced, rng):
     full = rng.normal(size=(2, 2, 4, 2, 4))
     x = full[:, :, ::2, :, ::2] if sliced else full
-    d = cuda.to_device(full)
+    d = to_device(full)
     d = d[:, :, ::2, :, ::2] if sliced else d
-    out_full = cuda.to_device(np.zeros(full.shape))
+    out_full = to_device(np.zeros(full.shape))
     out = out_full[:, :, ::2, :, ::2] if sliced else out_full
     bn = nbn.BatchNorm3d(2, dtype="float64", device="cuda")
     assert bn(d, out=out) is out
     mean, var = ref.batch_stats(x)
     expected = ref.forward(x, mean, var)
-    got = out_full.copy_to_host()
+    got = host(out_full)
     np.testing.assert_allclose(got[:, :, ::2, :, ::2] if sliced else got, expected,
                                rtol=1e-10, atol=1e-10)
     if sliced:  # the elements between the slices were left alone
@@ -216,8 +214,8 @@ def test_sync_batch_norm_reduces_on_the_device(rng):
     x, dy = rng.normal(5, 2, shape), rng.normal(0, 1, shape)
     bn = nbn.SyncBatchNorm(2, comm=mpi.COMM_SELF, device="cuda",
                            dtype="float64")
-    y = bn(cuda.to_device(x))
-    dx = bn.backward(cuda.to_device(dy))
+    y = bn(to_device(x))
+    dx = bn.backward(to_device(dy))
     mean, var = ref.batch_stats(x)
     dx_ref, dw_ref, db_ref = ref.backward_batch_stats(dy, x)
     running_mean, running_var = ref.running_update(np.zeros(2), np.ones(2), x,
@@ -261,3 +259,42 @@ def test_gpu_bench_checks_and_times_every_case(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + 2 * 2 * 3
     assert all("WRONG" not in line for line in lines)
+
+
+def test_out_overlapping_an_input_is_refused_on_the_gpu(rng):
+    x = to_device(rng.normal(size=(4, 3, 2, 2)).astype(np.float32))
+    bn = nbn.BatchNorm2d(3, device="cuda")
+    with pytest.raises(ValueError, match="overlap"):
+        bn(x, out=x)
+    assert int(host(bn.num_batches_tracked)) == 0  # nothing changed
+    y = bn(x)
+    with pytest.raises(ValueError, match="overlap"):
+        bn.backward(y, out=y)
+
+
+def test_launch_stream_follows_the_producer(monkeypatch):
+    """Arrays that name a producer stream (foreign ``__cuda_array_interface__``
+    views) run the kernels on it; other arrays make it wait through an
+    event, never the host. (On hardware the streams are real; the
+    simulator has no external streams, so stand-ins are used here.)"""
+    from numba_bn import cuda as backend
+    producer, other = object(), object()
+    monkeypatch.setattr(backend, "_stream_key", id)
+    calls = []
+
+    class Event:
+        def record(self, stream):
+            calls.append(("record", stream))
+
+        def wait(self, stream):
+            calls.append(("wait", stream))
+
+    monkeypatch.setattr(backend.cuda, "event", lambda timing: Event())
+    named = type("View", (), {"stream": producer})()
+    assert backend._stream_for(named) is producer
+    plain = type("View", (), {"stream": 0})()
+    assert backend._stream_for(plain) is not producer  # Numba's default
+    backend._after_producers(producer, [named, plain, None])
+    assert calls == []
+    backend._after_producers(other, [named])
+    assert calls == [("record", producer), ("wait", other)]

@@ -15,6 +15,7 @@ import numba_bn as nbn
 from numba_bn import cuda as backend
 
 from .test_sync import close, shard, shard_sizes, torch_steps, whole_batch
+from ..gpu.arrays import host, to_device
 
 MPI = pytest.importorskip("mpi4py.MPI")
 WORLD = MPI.COMM_WORLD
@@ -40,9 +41,6 @@ def device_buffers(request, monkeypatch):
     return request.param == "1", handed
 
 
-def host(a):
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a.get())
-
 
 @pytest.mark.parametrize("pattern", ["unequal", "one_empty"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -59,8 +57,8 @@ def test_matches_batch_norm_on_the_concatenated_batch(pattern, dtype,
     bn.load_state_dict({"weight": weight, "bias": bias}, strict=False)
     x_mine, dy_mine = shard(x, sizes, WORLD.rank), shard(dy, sizes, WORLD.rank)
     for _ in range(2):
-        y = bn(cuda.to_device(x_mine))
-    dx = bn.backward(cuda.to_device(dy_mine))
+        y = bn(to_device(x_mine))
+    dx = bn.backward(to_device(dy_mine))
 
     y_t, dx_t, dw_t, mean_t, var_t = torch_steps(
         x, dy, None, 2, weight.astype(dtype), bias.astype(dtype))
@@ -89,7 +87,7 @@ def test_an_input_on_the_wrong_device_raises_everywhere(device_buffers):
             bn(x)
     else:
         with pytest.raises(RuntimeError, match=r"rank\(s\) \[0\]"):
-            bn(cuda.to_device(x))
+            bn(to_device(x))
     assert int(host(bn.num_batches_tracked)) == 0
-    bn(cuda.to_device(x))  # the ranks are still in step
+    bn(to_device(x))  # the ranks are still in step
     assert int(host(bn.num_batches_tracked)) == 1
