@@ -600,17 +600,21 @@ _COUNTERS = {}
 
 
 def _counters(stream, size):
+    """At least ``size`` ticket counters for launches on ``stream``."""
     key = _stream_key(stream)
     counters = _COUNTERS.get(key)
     if counters is None or counters.shape[0] < size:
+        # Zeroed from the host once per stream (and size): CuPy copies on
+        # its current stream, which need not be the launches', so that copy
+        # is waited for. The dict keeps the memory alive.
         zeros = np.zeros(max(size, 64), np.int32)
-        counters = (cuda.to_device(zeros) if _SIMULATOR
-                    else _view(_CUPY.asarray(zeros)) if _CUPY is not None
-                    else cuda.to_device(zeros, stream=stream))
         if _CUPY is not None:
+            counters = _CUPY.asarray(zeros)
             _CUPY.cuda.get_current_stream().synchronize()
+        else:
+            counters = cuda.to_device(zeros, stream=stream)
         _COUNTERS[key] = counters
-    return counters
+    return _view(counters)
 
 
 def empty(shape, dtype):
