@@ -56,7 +56,7 @@ from numba import types as numba_types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
-from . import _channel
+from . import _channel, _machine
 from ._layout import (canonical_geometry, is_channels_last, line_segment,
                       output_allocation)
 
@@ -68,9 +68,7 @@ DEVICE = "cpu"
 _REDUCTION_FLAGS = {"reassoc", "contract"}
 
 # The affine passes may fuse a multiply and an add: one rounding instead of
-# two (float64, before the output's own), and fewer instructions where the
-# data sits in cache ((8, 16, 32, 32) float32 eval pass 8.8 -> 7.8 us; the
-# (32, 512, 7, 7) backward pass 78 -> 70 us).
+# two, and fewer instructions where the data sits in the cache.
 _AFFINE_FLAGS = {"contract"}
 
 # Elements per chunk of a channel-innermost pass: a chunk's rows stay in the
@@ -78,49 +76,58 @@ _AFFINE_FLAGS = {"contract"}
 # depends on the shape alone, so results do not depend on the thread count.
 _ROWS_CHUNK_ELEMENTS = 32768
 # Positions a channel-innermost reduction sums before updating its
-# per-channel accumulators. 8, not 4: with 4 the reduction read DRAM at
-# 30 GB/s, with 8 at 40-45 GB/s (the plane reduction: 46-52), on a 2-core
-# EPYC with 77 MB of inputs in rotation. (Large inputs, except for float64
-# sums of x, are summed one position at a time: see ``_partials``.)
+# per-channel accumulators: enough independent lines in flight to keep the
+# memory busy (large inputs' gradient sums, read from memory, take one
+# position at a time instead: see ``_partials``).
 _ROWS_UNROLL = 8
 # Dense channel-innermost data with fewer channels is walked in rows of
 # several positions, at least this many values long.
 _ROWS_MIN_LENGTH = 256
-# Dense outputs are written with nontemporal stores (``_store_streaming``)
-# where the arrays of their pass (inputs and output) hold at least this many
-# bytes, three quarters of the EPYC's 32 MiB L3, as glibc's memcpy streams
-# past a similar size: an ordinary store first reads the line it writes, a
-# third stream beside x and y (a 25.7 MB float32 normalization: 1.30 ->
-# 1.00 ms, float64 2.71 -> 2.30 ms, 2 threads). Passes that fit keep their
-# output in the cache for whatever reads it next, as the next call reads
-# their input there: 8-10 MiB float32 outputs, streamed from 8 MiB on
-# before, took 0.56-0.72x the time in eval and 0.84-0.89x in a training
-# forward without streaming, both layouts, and their backwards (three
-# arrays) were level or slower without it.
-_STREAM_WORKING_SET = 24 * 2**20
-# ... when the kernel writes them in contiguous lines of at least this many
-# bytes: a line's partial cache lines take ordinary stores, and where those
-# are frequent, mixing the two costs more than it saves (2048 x 64 planes
-# of 7 x 7 float32, 196 bytes: 2x slower; 256 x 64 of 14 x 14, 784 bytes:
-# no faster).
+# Streaming stores only where the kernel writes contiguous lines of at
+# least this many bytes: a line's partial cache lines take ordinary stores,
+# and mixing the two often costs more than streaming saves.
 _STREAM_MIN_LINE = 1024
 # Bytes the cache line holds, and the alignment a vector nontemporal store
 # needs at most (AVX-512: 64).
 _CACHE_LINE = 64
-# Inputs of at least this many bytes, a quarter of the L3, are taken to
-# come from memory, not from the cache (``_from_memory``).
-_FROM_MEMORY_BYTES = 8 * 2**20
-# The channel-innermost gradient sums run unrolled (``_partials``) only
-# where ``x`` and ``dy`` together hold fewer bytes, twice the L2 of these
-# 2-core machines: with the inputs evicted by other work, as in the
-# comparison command (NumPy's contender runs between the samples) and as
-# in a network's backward, reading sixteen lines at once ran slower than
-# a line at a time from 2 MiB per input on (unrolled / one line, median
-# of 3 interleaved runs: float32 (32, 512, 7, 7) and (16, 64, 28, 28)
-# channels-last 1.18 and 1.32, (4096, 256) 1.19; float64 (2048, 256)
-# 1.26, (1024, 256) 1.06; below it 0.85-0.94).
-_UNROLLED_GRADIENT_SUMS_BYTES = 4 * 2**20
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def thresholds(l2, l3):
+    """The byte thresholds that follow the caches, from a core's L2 and the
+    L3 it shares (``_machine.caches``).
+
+    Returns
+    -------
+    dict
+        ``stream_working_set``: dense outputs of passes whose arrays hold at
+        least this many bytes, three quarters of the L3, are written with
+        nontemporal stores (``_store_streaming``): such a pass evicts its
+        own data, so an ordinary store's read of the line it writes is a
+        third stream for nothing, while a smaller pass leaves its output in
+        the cache for whatever reads it next (glibc's memcpy streams past a
+        similar size).
+        ``from_memory``: inputs of at least a quarter of the L3 are taken to
+        come from memory, not the cache (``_from_memory``).
+        ``per_channel``: a channel whose planes, in all inputs of a pass,
+        fit in twice a core's L2 is normalized in one kernel, a channel per
+        iteration (``_per_channel``), so its second pass reads the cache.
+        ``unrolled_gradient_sums``: channel-innermost gradient sums read
+        many lines at once only while ``x`` and ``dy`` together fit in four
+        L2s; from further away (other work evicted them, as in a network)
+        one line at a time keeps the prefetchers ahead.
+    """
+    return {"stream_working_set": l3 * 3 // 4, "from_memory": l3 // 4,
+            "per_channel": 2 * l2, "unrolled_gradient_sums": 4 * l2}
+
+
+# On the project's 2-core EPYC VMs (1 MiB L2, 32 MiB L3) these are 24 MiB,
+# 8 MiB, 2 MiB and 4 MiB, the values they were measured at.
+_THRESHOLDS = thresholds(*_machine.caches()[:2])
+_STREAM_WORKING_SET = _THRESHOLDS["stream_working_set"]
+_FROM_MEMORY_BYTES = _THRESHOLDS["from_memory"]
+_UNROLLED_GRADIENT_SUMS_BYTES = _THRESHOLDS["unrolled_gradient_sums"]
+_PER_CHANNEL_BYTES = _THRESHOLDS["per_channel"]
 
 
 # --------------------------------------------------------------------------
@@ -393,9 +400,8 @@ def _channel_totals(x4, dy4, c, k, moments, totals, rows, cols):
 # A plane kernel walks chunks of consecutive planes of about this many
 # values in all, with a loop over samples and one over channels in each,
 # not one ``prange`` iteration per plane: splitting a plane index into ``n``
-# and ``c`` takes a division, and short planes show it (on (32, 512, 7, 7)
-# float32 the eval pass ran 50 instead of 64 us, the sums 67 instead of
-# 92 us; on (256, 64, 14, 14) float64 the sums 258 instead of 427 us).
+# and ``c`` takes a division per plane, which short planes feel. Fixed: the
+# chunks fix the order of summation.
 _PLANE_CHUNK_ELEMENTS = 4096
 
 
@@ -768,11 +774,9 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-# Below this many elements a pass is as fast serial as parallel (waking the
-# thread pool costs a few us; measured on 2 cores with the vectorized
-# serial twins: 8192 values 25 vs 30 us per training step, 32768 a tie,
-# 131072 74 vs 55 us), and a process that only normalizes small arrays
-# never starts the pool (0.3-0.4 s of cold start).
+# Below this many elements a pass is as fast serial as parallel: waking the
+# thread pool costs a few microseconds, and a process that only normalizes
+# small arrays never starts it (a fraction of a second of cold start).
 _SERIAL_BELOW = 32768
 
 
@@ -785,19 +789,11 @@ def _launch(kernel, x4, *args):
         kernel(x4, *args)
 
 
-# Inputs whose channel (its planes in all inputs of a pass) holds at most
-# this many bytes are normalized one channel per iteration
-# (``_forward_per_channel``, ``_backward_per_channel``): the channel's second
-# pass then reads the core's cache instead of memory or L3.
-_PER_CHANNEL_BYTES = 2 * 2**20
 
-# ... unless their planes are this short or shorter: a channel's planes lie a
-# sample apart, and read that way, a plane at a time, the sums ran slower
-# than in two passes over contiguous memory (float32 on 2 threads, median
-# of 15 rounds: (256, 64, 14, 14), 784-byte planes, 1.3-1.7x the two-pass
-# time forward and backward; (32, 512, 7, 7) 1.1-1.7x; (128, 128, 16, 16),
-# 1 KiB planes, 1.0-1.5x; float64 planes of 1152 bytes and more ran
-# 0.63-0.96x, and 28 x 28 float32 planes 0.8-1.0x).
+# Planes this short or shorter take the two passes even when their channel
+# fits (``_per_channel``): a channel's planes lie a sample apart, and read a
+# short plane at a time the hardware prefetchers fall behind two passes over
+# contiguous memory.
 _PER_CHANNEL_SHORT_PLANE = 1024
 
 
@@ -843,15 +839,12 @@ def _partials(x4, dy4, center, moments, rows_layout):
         _launch(_channel_partials, x4, dy4, center, moments, psum, psumprod)
         return psum, psumprod
     psum, psumprod = _empties(2, (_row_chunks(x4), x4.shape[3]))
-    # Unrolled only for inputs in the cache, or float64 sums of x: inputs
-    # that come from memory (``_from_memory``) read faster one position at
-    # a time, a line after the other, than eight or sixteen lines at once
-    # (float32 sums of x, flushed cache: (32, 64, 56, 56) 850-890 ->
-    # 750-775 us, (256, 64, 14, 14) 553-583 -> 462-483 us; float32
-    # gradient sums 1.2-1.4x faster; float64 gradient sums 1.1x faster).
-    # In the cache, the sums of x ran 1.0-1.4x faster unrolled. The
-    # gradient sums, sixteen lines at once (eight of x, eight of dy), fall
-    # behind at smaller sizes (``_UNROLLED_GRADIENT_SUMS_BYTES``).
+    # Unrolled only for inputs in the cache, or float64 sums of x: from
+    # memory (``_from_memory``) one position at a time, a line after the
+    # other, keeps the prefetchers ahead where eight or sixteen lines at
+    # once fall behind. The gradient sums read sixteen lines at once (eight
+    # of x, eight of dy) and fall behind sooner
+    # (``_UNROLLED_GRADIENT_SUMS_BYTES``).
     if moments:
         unrolled = x4.itemsize == 8 or not _from_memory(x4)
     else:
@@ -992,8 +985,8 @@ def _views(inputs, out):
 
 # ``_views``' decisions depend only on the arrays' dtype, shape and strides,
 # of which a training loop meets a few: they are worked out once each
-# (``_plan_views``), as checking flags and strides on every call cost a small
-# channels-last call 3.6 us, as long as its pass (1.5 us in NCHW).
+# (``_plan_views``), as checking flags and strides on every call costs a
+# small call as long as its pass.
 _VIEW_PLANS = {}
 _VIEW_PLANS_KEPT = 1024
 
@@ -1182,15 +1175,11 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     save_mean, save_invstd, scale, offset = _empties(4, n_channels)
     counter = (None if num_batches_tracked is None
                else num_batches_tracked.reshape(1))
-    # Float32 per channel only in the cache: from memory (``_from_memory``) the
-    # two passes over contiguous memory ran faster than one over a channel's
-    # planes, a sample apart (2 threads, median of 12 rounds, each path in
-    # turn: (32, 64, 56, 56) 0.86-0.93x the time, (32, 32, 64, 64) 0.92-0.97x,
-    # (64, 64, 56, 56) 0.86-0.88x), likely because a byte of float32 holds
-    # twice the values to convert and sum. Float64 keeps it (level there, and
-    # 2.05-2.8 against 2.95-3.1 ms in full bench runs of (32, 64, 56, 56)), as
-    # does the backward, which saves two tensor reads per channel, not one (two
-    # passes 1.05-1.08x slower).
+    # One kernel per channel (``_per_channel``) for float64, and for float32
+    # only in the cache: from memory two passes over contiguous memory beat
+    # one over a channel's planes a sample apart, as a float32 byte holds
+    # twice the values to convert and sum. The backward keeps it (it saves
+    # two tensor reads per channel, not one).
     if (moments is None and (x4.itemsize == 8 or not _from_memory(x4))
             and _per_channel(x4, 1, rows_layout)):
         _launch(_forward_per_channel, x4, weight, bias, eps, rm, rv, counter,
