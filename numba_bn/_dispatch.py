@@ -48,6 +48,10 @@ def device_of(a):
         return "cpu"
     if is_gpu_array(a):
         return "cuda"
+    if type(a).__module__.split(".")[0] == "torch":
+        raise TypeError(
+            f"expected a numpy.ndarray or a CUDA array, got a CPU "
+            f"{type(a).__name__}: pass t.detach().numpy() (a view, no copy)")
     raise TypeError(
         f"expected a numpy.ndarray or a CUDA array, got {type(a).__name__}"
         " (convert it with numpy.asarray, or use a CuPy array)")

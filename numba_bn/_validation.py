@@ -13,30 +13,40 @@ FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32),
                 np.dtype(np.float64))
 
 
-def check_float_input(x, name="input"):
-    """Raise ``TypeError`` unless ``x`` holds float16, float32 or float64."""
+def check_float_input(x, name="input", ndims=None):
+    """Raise ``TypeError`` unless ``x`` holds float16, float32 or float64,
+    and ``ValueError`` unless it has ``ndims`` dimensions (PyTorch's words;
+    at least 2 when None)."""
     dtype = np.dtype(x.dtype)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"{name} must be float16, float32 or float64, got {dtype}"
-            " (convert it with .astype(numpy.float32))")
+            f"{name} must be float16, float32 or float64, got {dtype}: "
+            f"pass x.astype(numpy.float32) (or the module's dtype)")
+    if ndims is not None and x.ndim not in ndims:
+        names = [f"{n}D" for n in ndims]
+        expected = " or ".join([", ".join(names[:-1]), names[-1]]
+                               if len(names) > 1 else names)
+        raise ValueError(f"expected {expected} input (got {x.ndim}D input)")
     if x.ndim < 2:
         raise ValueError(
-            f"expected {name} of shape (N, C, ...), got {x.ndim}D {name}")
-
-
-def check_ndim(x, ndims):
-    """Raise ``ValueError("expected 4D input (got 3D input)")`` and the like."""
-    if x.ndim not in ndims:
-        expected = " or ".join(f"{n}D" for n in ndims)
-        raise ValueError(f"expected {expected} input (got {x.ndim}D input)")
+            f"expected at least 2D input (got {x.ndim}D input): "
+            f"{name} is (N, C, ...)")
 
 
 def check_channels(x, num_features):
-    if x.shape[1] != num_features:
-        raise ValueError(
-            f"expected input with {num_features} channels (num_features), "
-            f"got {x.shape[1]} channels in input of shape {tuple(x.shape)}")
+    """Channel count ``x.shape[1]`` is ``num_features``; channels-last data
+    passed as is gets the transpose that views it as ``(N, C, ...)``."""
+    if x.shape[1] == num_features:
+        return
+    hint = ""
+    if x.ndim > 2 and x.shape[-1] == num_features:
+        axes = (0, x.ndim - 1) + tuple(range(1, x.ndim - 1))
+        hint = (f"; channels-last data (channels on the last axis) is read "
+                f"as x.transpose{axes}, a view, not a copy")
+    raise ValueError(
+        f"expected input with {num_features} channels (num_features), "
+        f"got {x.shape[1]} channels in input of shape {tuple(x.shape)}"
+        + hint)
 
 
 def check_values_per_channel(x):
@@ -55,7 +65,9 @@ def check_dtype_match(input_dtype, param_dtype, what):
         return
     raise TypeError(
         f"input dtype {input_dtype} does not match {what} dtype {param_dtype}"
-        " (only float16 input may meet float32 parameters)")
+        f": build the module with dtype='{input_dtype}', or pass "
+        f"x.astype(numpy.{param_dtype}) (float16 input may also meet float32 "
+        "parameters)")
 
 
 def check_device(a, device, what):

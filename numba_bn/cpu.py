@@ -1272,7 +1272,7 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
                                           _compute_dtype(grad_dtype))
     scale, offset, gain = _empties(3, n_channels)
     reduces = sums is None and (batch_stats or grad_dtype is not None)
-    if reduces and _per_channel(x4, 2, rows_layout):
+    if reduces and batch_stats and _per_channel(x4, 2, rows_layout):
         _launch(_backward_per_channel, x4, dy4, save_mean, save_invstd,
                 weight, batch_stats, grad_weight, grad_bias, scale, offset,
                 gain, dx4, _streams(dx4, 3))
@@ -1295,8 +1295,15 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
             _finish_backward(own[0], own[1], count, save_invstd, weight,
                              batch_stats, grad_weight, grad_bias,
                              *_empties(3, n_channels))
-        _affine(x4, save_mean, scale, offset, dy4, gain, True, dx4,
-                rows_layout)
+        if batch_stats:
+            _affine(x4, save_mean, scale, offset, dy4, gain, True, dx4,
+                    rows_layout)
+        else:
+            # Constant statistics: dx = gain * dy, which reads no x (NaN or
+            # inf there must not reach dx, as in PyTorch).
+            zeros = np.zeros(n_channels)
+            _affine(dy4, zeros, gain, zeros, dy4, gain, False, dx4,
+                    rows_layout)
     if grad_dtype is not None:
         grad_weight = _to_dtype(grad_weight, grad_dtype)
         grad_bias = _to_dtype(grad_bias, grad_dtype)

@@ -313,14 +313,15 @@ def _coefficients(c, source, coefficients, mean, spread, weight, bias, eps,
     ``_COMPUTED``: from ``coefficients``. ``_RUNNING`` (eval forward): from
     the running statistics ``mean`` and ``spread`` (the variance); the
     channel's first thread also saves them for the backward. ``_SAVED``
-    (backward with constant statistics): ``dx = gain * dy`` with ``mean``
-    and ``spread`` (the invstd) saved by the forward.
+    (backward with constant statistics, the kernel reading ``dy`` as its
+    ``x``): ``dx = gain * dy`` with ``spread`` the forward's invstd, so
+    that ``x`` is not read (NaN or inf there must not reach ``dx``).
     """
     if source == _COMPUTED:
         return (coefficients[0, c], coefficients[1, c], coefficients[2, c],
                 coefficients[3, c])
-    m = np.float64(mean[c])
     if source == _RUNNING:
+        m = np.float64(mean[c])
         invstd = _channel.running_invstd(spread, c, eps)
         if first == 0:
             save_mean[c] = m
@@ -329,7 +330,7 @@ def _coefficients(c, source, coefficients, mean, spread, weight, bias, eps,
         return m, scale, offset, 0.0
     gain, _ = _channel.affine_coefficients(c, np.float64(spread[c]), weight,
                                            bias)
-    return m, 0.0, 0.0, gain
+    return 0.0, gain, 0.0, 0.0
 
 
 @cuda.jit(device=True)
@@ -967,18 +968,26 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
         grad_weight, grad_bias = (empty(n_channels, grad_dtype)
                                   for _ in range(2))
         param_dtype = np.dtype(grad_dtype)
-    if sums is None and not batch_stats and grad_dtype is None:
-        # Constant statistics and no parameter gradient: dx = gain * dy.
-        _launch_normalize(stream, x4, dy4, True, dx4, _SAVED, param_dtype,
-                          mean=save_mean, spread=save_invstd, weight=weight)
-        return _deliver(dx, out, stream), None, None
+    coefficients = empty((4, n_channels), np.float64)
     count = x4.shape[0] * x4.shape[2] * x4.shape[3]
+    if sums is None and not batch_stats:
+        # Constant statistics: dx = gain * dy, which reads no x; the
+        # parameter gradients, when asked for, do.
+        if grad_dtype is not None:
+            _launch_statistics(
+                stream, x4, dy4, False, save_mean, count, _BACKWARD,
+                param_dtype,
+                weight=weight, save_invstd=save_invstd,
+                coefficients=coefficients, grad_weight=grad_weight,
+                grad_bias=grad_bias)
+        _launch_normalize(stream, dy4, dy4, False, dx4, _SAVED, param_dtype,
+                          spread=save_invstd, weight=weight)
+        return _deliver(dx, out, stream), grad_weight, grad_bias
     partials = message = None
     rank = 0
     if sums is not None:
         count, partials, message, rank = sums
         partials = _view(partials)
-    coefficients = empty((4, n_channels), np.float64)
     _launch_statistics(
         stream, x4, dy4, False, save_mean, count, _BACKWARD, param_dtype,
         weight=weight, save_invstd=save_invstd, coefficients=coefficients,

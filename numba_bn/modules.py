@@ -260,8 +260,7 @@ class _BatchNorm:
         return dx
 
     def _check_input(self, x, backend):
-        check.check_float_input(x)
-        check.check_ndim(x, self._input_ndims)
+        check.check_float_input(x, ndims=self._input_ndims)
         check.check_channels(x, self.num_features)
         if backend.DEVICE != self.device:
             raise ValueError(
@@ -472,18 +471,20 @@ class _BatchNorm:
         -------
         str
             ``"C, eps=..., momentum=..., affine=..., bias=...,
-            track_running_stats=..."`` (and ``freeze=True`` when frozen).
+            track_running_stats=..."`` (and ``freeze=True`` when frozen),
+            then the parameters' ``dtype`` and ``device``.
 
         Examples
         --------
         >>> import numba_bn as nbn
         >>> nbn.BatchNorm2d(8, momentum=None).extra_repr()
-        '8, eps=1e-05, momentum=None, affine=True, bias=True, track_running_stats=True'
+        "8, eps=1e-05, momentum=None, affine=True, bias=True, track_running_stats=True, dtype=float32, device='cpu'"
         """
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
                 f", affine={self.affine}, bias={self.bias is not None}, "
                 f"track_running_stats={self.track_running_stats}"
-                + (", freeze=True" if self.freeze else ""))
+                + (", freeze=True" if self.freeze else "")
+                + f", dtype={self.dtype}, device={self.device!r}")
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"

@@ -1,4 +1,6 @@
 """Every row of API.md's error table: the error type, the words, and no state change."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -232,3 +234,59 @@ def test_cuda_without_a_gpu_raises_numba_bns_error(monkeypatch):
     with pytest.raises(RuntimeError, match="cuda13"):
         bn.to("cuda")
     assert bn.device == "cpu" and isinstance(bn.weight, np.ndarray)
+
+
+@pytest.mark.parametrize("module, torch_module, shape", [
+    (nbn.BatchNorm1d, torch.nn.BatchNorm1d, (3,)),
+    (nbn.BatchNorm1d, torch.nn.BatchNorm1d, (2, 3, 4, 5)),
+    (nbn.BatchNorm2d, torch.nn.BatchNorm2d, (2, 3, 4)),
+    (nbn.BatchNorm3d, torch.nn.BatchNorm3d, (2, 3, 4, 5)),
+])
+def test_wrong_rank_in_pytorchs_words(module, torch_module, shape):
+    with pytest.raises(ValueError) as theirs:
+        torch_module(3)(torch.ones(shape))
+    with pytest.raises(ValueError) as ours:
+        module(3)(np.ones(shape, np.float32))
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_dtype_mismatch_names_both_dtypes_and_fixes_that_work():
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float64)
+    with pytest.raises(TypeError) as error:
+        nbn.BatchNorm1d(3)(x)
+    message = str(error.value)
+    assert "float64" in message and "float32" in message
+    assert "dtype='float64'" in message and "x.astype(numpy.float32)" in message
+    expected = torch.nn.BatchNorm1d(3)(torch.from_numpy(x).float()).detach().numpy()
+    np.testing.assert_allclose(nbn.BatchNorm1d(3, dtype="float64")(x), expected, atol=1e-5)
+    np.testing.assert_allclose(nbn.BatchNorm1d(3)(x.astype(np.float32)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("module, nhwc_shape, axes", [
+    (nbn.BatchNorm1d, (4, 5, 3), (0, 2, 1)),
+    (nbn.BatchNorm2d, (4, 5, 6, 3), (0, 3, 1, 2)),
+    (nbn.BatchNorm3d, (2, 5, 6, 2, 3), (0, 4, 1, 2, 3)),
+])
+def test_channels_last_data_passed_as_is_gets_the_transpose(module, nhwc_shape, axes):
+    nhwc = np.random.default_rng(0).normal(size=nhwc_shape).astype(np.float32)
+    with pytest.raises(ValueError, match=re.escape(f"x.transpose{axes}")):
+        module(3)(nhwc)
+    y = module(3)(nhwc.transpose(axes))     # the advice, followed
+    ncl = torch.from_numpy(np.ascontiguousarray(nhwc.transpose(axes)))
+    torch_module = {nbn.BatchNorm1d: torch.nn.BatchNorm1d, nbn.BatchNorm2d: torch.nn.BatchNorm2d,
+                    nbn.BatchNorm3d: torch.nn.BatchNorm3d}[module]
+    np.testing.assert_allclose(y, torch_module(3)(ncl).detach().numpy(), atol=1e-5)
+
+
+def test_torch_tensors_get_advice_that_works():
+    t = torch.randn(4, 3, 2, 2, requires_grad=True)
+    with pytest.raises(TypeError, match=r"t\.detach\(\)\.numpy\(\)"):
+        nbn.BatchNorm2d(3)(t)
+    y = nbn.BatchNorm2d(3)(t.detach().numpy())
+    np.testing.assert_allclose(y, torch.nn.BatchNorm2d(3)(t).detach().numpy(), atol=1e-5)
+
+
+def test_repr_shows_pytorchs_fields_dtype_and_device():
+    text = repr(nbn.BatchNorm2d(8, dtype="float64"))
+    assert text.startswith(repr(torch.nn.BatchNorm2d(8))[:-1] + ", ")
+    assert text.endswith(", dtype=float64, device='cpu')")

@@ -274,8 +274,11 @@ def test_attributes_and_modes_as_torch():
     assert bn.train() is bn and bn.training is True
     assert bn.grad_weight is None and bn.grad_bias is None
     assert bn.freeze is False
-    assert repr(bn) == repr(theirs)
-    assert repr(nbn.BatchNorm2d(3, affine=False)) == repr(torch.nn.BatchNorm2d(3, affine=False))
+    # PyTorch's fields, then where the parameters live.
+    assert repr(bn) == repr(theirs)[:-1] + ", dtype=float32, device='cpu')"
+    assert (repr(nbn.BatchNorm2d(3, affine=False))
+            == repr(torch.nn.BatchNorm2d(3, affine=False))[:-1]
+            + ", dtype=float32, device='cpu')")
     assert bn.running_mean.dtype == np.float32 and bn.num_batches_tracked.dtype == np.int64
 
 
@@ -284,3 +287,25 @@ def test_to_cpu_is_identity():
     assert bn.to("cpu") is bn and bn.device == "cpu"
     with pytest.raises(ValueError, match="device"):
         bn.to("tpu")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_eval_backward_reads_no_x(layout):
+    """With running statistics dx = dy * weight / sqrt(running_var + eps):
+    NaN and inf in x reach grad_weight, as in PyTorch, never dx."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(4, 3, 5, 5)).astype(np.float32)
+    x[0, 0, 1, 1], x[2, 1, 0, 3] = np.nan, np.inf
+    if layout == "channels_last":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    ours = nbn.BatchNorm2d(3).eval()
+    theirs = torch.nn.BatchNorm2d(3).eval()
+    xt = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_()
+    theirs(xt).backward(torch.from_numpy(np.ascontiguousarray(dy)))
+    ours(x)
+    dx = ours.backward(dy)
+    assert np.isfinite(dx).all()
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(np.isnan(ours.grad_weight),
+                                  np.isnan(theirs.weight.grad.numpy()))

@@ -298,3 +298,16 @@ def test_launch_stream_follows_the_producer(monkeypatch):
     assert calls == []
     backend._after_producers(other, [named])
     assert calls == [("record", producer), ("wait", other)]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_backward_reads_no_x_on_the_gpu(affine, rng):
+    x = rng.normal(size=(3, 2, 2, 3))
+    x[0, 0, 1, 1], x[2, 1, 0, 2] = np.nan, np.inf
+    dy = rng.normal(size=x.shape)
+    bn = nbn.BatchNorm2d(2, affine=affine, dtype="float64", device="cuda").eval()
+    bn(to_device(x))
+    dx = host(bn.backward(to_device(dy)))
+    np.testing.assert_allclose(dx, dy / np.sqrt(1 + 1e-5), rtol=1e-12)
+    if affine:
+        assert not np.isfinite(host(bn.grad_weight)).any()  # as PyTorch's
