@@ -1,9 +1,10 @@
-"""``python -m numba_bn.bench``: numba_bn against PyTorch and NumPy, side by side.
+"""``python -m numba_bn.bench``: numba_bn against PyTorch, JAX and NumPy, side by side.
 
 In one process, for training forward, eval forward and backward over the
 shapes, dtypes and layouts below, it checks every result against PyTorch's
 (when torch is importable) and then times the contenders interleaved
-(A B C A B C ...), reporting medians: the time, the ratio to PyTorch, the
+(A B C A B C ...), reporting medians: the time, the ratios to PyTorch and
+to JAX/XLA (``jax.jit``, when JAX is installed: the ``bench`` extra), the
 share of the memory-bandwidth floor (the tensor-sized passes an operation
 must make, at the bandwidth of a copy timed right before) and page faults
 per call (allocations over glibc's 32 MiB mmap threshold fault on every call;
@@ -102,7 +103,7 @@ def layout_input(shape, dtype, layout, rng):
 class Case:
     """One operation on one input, with a callable per contender."""
 
-    def __init__(self, op, shape, dtype, layout, use_out, torch):
+    def __init__(self, op, shape, dtype, layout, use_out, torch, jax=None):
         rng = np.random.default_rng(0)
         c = shape[1]
         self.op, self.shape, self.dtype, self.layout = op, shape, dtype, layout
@@ -128,6 +129,9 @@ class Case:
         if torch is not None:
             self.contenders["torch"] = torch_contender(
                 torch, op, x, dy, w, b, rm.copy(), rv.copy(), layout)
+        if jax is not None:
+            self.contenders["jax"] = jax_contender(
+                jax, op, x, dy, w, b, rm, rv, save_mean, save_invstd)
 
     def check(self):
         """Compare numba_bn's result with PyTorch's (or NumPy's); return the error."""
@@ -187,6 +191,64 @@ def torch_contender(torch, op, x, dy, w, b, rm, rv, layout):
             return torch.nn.functional.batch_norm(
                 xt, rmt, rvt, wt, bt, training=op == "train", eps=EPS).numpy()
     return run
+
+
+def load_jax():
+    """JAX, with float64 enabled, when installed (the ``bench`` extra)."""
+    try:
+        import jax
+    except ImportError:
+        return None
+    jax.config.update("jax_enable_x64", True)
+    return jax
+
+
+def jax_contender(jax, op, x, dy, w, b, rm, rv, save_mean, save_invstd):
+    """The same computation, ``jax.jit``-compiled by XLA for the CPU.
+
+    JAX arrays have no strides: channels-last data is given to it as NHWC,
+    its natural layout, with the channel axis last. Each call waits for the
+    result (``block_until_ready``).
+    """
+    jnp = jax.numpy
+    channels_last = x.ndim > 2 and x.strides[1] < x.strides[-1]
+    order = (0,) + tuple(range(2, x.ndim)) + (1,) if channels_last else None
+    channel_axis = x.ndim - 1 if channels_last else 1
+    axes = tuple(a for a in range(x.ndim) if a != channel_axis)
+    shape = tuple(-1 if a == channel_axis else 1 for a in range(x.ndim))
+
+    def device(a):
+        return jax.device_put(np.ascontiguousarray(
+            a.transpose(order) if order else a))
+
+    def per_channel(v, dtype):
+        return jnp.asarray(v.astype(dtype)).reshape(shape)
+
+    xj, dyj = device(x), device(dy)
+    wj, bj = per_channel(w, x.dtype), per_channel(b, x.dtype)
+    if op == "backward":
+        mean = per_channel(save_mean, x.dtype)
+        invstd = per_channel(save_invstd, x.dtype)
+
+        @jax.jit
+        def run(dy, x):
+            xhat = (x - mean) * invstd
+            g = dy * wj
+            return invstd * (g - g.mean(axis=axes, keepdims=True)
+                             - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+        return lambda: run(dyj, xj).block_until_ready()
+    training = op == "train"
+    rmj, rvj = per_channel(rm, x.dtype), per_channel(rv, x.dtype)
+
+    @jax.jit
+    def run(x):
+        if training:
+            mean = x.mean(axis=axes, keepdims=True)
+            var = x.var(axis=axes, keepdims=True)
+        else:
+            mean, var = rmj, rvj
+        return (x - mean) * jax.lax.rsqrt(var + EPS) * wj + bj
+    return lambda: run(xj).block_until_ready()
 
 
 def time_interleaved(contenders, rounds, min_sample=2e-3):
@@ -424,6 +486,8 @@ def main(argv=None):
                         help="numba_bn writes into preallocated out= arrays")
     parser.add_argument("--no-torch", action="store_true",
                         help="leave PyTorch out even when it is installed")
+    parser.add_argument("--no-jax", action="store_true",
+                        help="leave JAX out even when it is installed")
     parser.add_argument("--json", metavar="PATH",
                         help="also write the results as JSON (for docs/plots)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -452,16 +516,18 @@ def main(argv=None):
             return 2
         return gpu_main(args, torch)
 
+    jax = None if args.no_jax else load_jax()
     probe = CopyProbe()
     print(f"numba_bn {nbn.__version__}, numba {numba.__version__}, numpy "
           f"{np.__version__}" + (f", torch {torch.__version__}" if torch else
                                  ", torch not installed")
+          + (f", jax {jax.__version__}" if jax else ", jax not installed")
           + f"; {numba.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"floor: at the bandwidth of a {probe.src.nbytes >> 20} MiB parallel copy "
           "(read + write, GB/s column) timed before each case")
     header = (f"{'op':9}{'shape':19}{'dtype':8}{'layout':14}{'numba_bn':>9}"
-              f"{'torch':>9}{'numpy':>9}{'ratio':>7}{'GB/s':>6}{'floor':>7}"
-              f"{'faults':>8}  target")
+              f"{'torch':>9}{'jax':>9}{'numpy':>9}{'ratio':>7}{'vs jax':>7}"
+              f"{'GB/s':>6}{'floor':>7}{'faults':>8}  target")
     print(header)
     print("-" * len(header))
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -472,13 +538,14 @@ def main(argv=None):
         for dtype in dtypes:
             for layout in layouts:
                 for op in OPERATIONS:
-                    case = Case(op, shape, dtype, layout, args.out, torch)
+                    case = Case(op, shape, dtype, layout, args.out, torch, jax)
                     error = case.check()
                     tolerance = 1e-4 if dtype == np.float32 else 1e-9
                     bandwidth = probe.bandwidth()
                     times, faults = time_interleaved(case.contenders, rounds)
                     ours, theirs = times["numba_bn"], times.get("torch")
                     ratio = ours / theirs if theirs else None
+                    ratio_jax = ours / times["jax"] if "jax" in times else None
                     floor = PASSES[op] * case.nbytes / bandwidth / ours
                     target = target_ratio(op, shape, layout)
                     verdict = []
@@ -494,13 +561,16 @@ def main(argv=None):
                         missed.append(f"{op} {shape} {np.dtype(dtype).name} {layout}")
                     print(f"{op:9}{str(shape).replace(' ', ''):19}{np.dtype(dtype).name:8}"
                           f"{layout:14}{fmt_ms(ours):>9}{fmt_ms(theirs):>9}"
+                          f"{fmt_ms(times.get('jax')):>9}"
                           f"{fmt_ms(times['numpy']):>9}"
                           f"{'-' if ratio is None else f'{ratio:.2f}':>7}"
+                          f"{'-' if ratio_jax is None else f'{ratio_jax:.2f}':>7}"
                           f"{bandwidth / 1e9:6.0f}{floor:7.0%}{faults:8.1f}"
                           f"  {', '.join(verdict)}")
                     results.append({"op": op, "shape": list(shape),
                                     "dtype": np.dtype(dtype).name, "layout": layout,
                                     "seconds": times, "ratio_to_torch": ratio,
+                                    "ratio_to_jax": ratio_jax,
                                     "copy_bandwidth_bytes_per_s": bandwidth,
                                     "floor_share": floor, "faults_per_call": faults,
                                     "max_rel_error_vs_reference": error})
@@ -523,7 +593,8 @@ def main(argv=None):
                        "threads": numba.get_num_threads(),
                        "versions": {"numba_bn": nbn.__version__, "numba": numba.__version__,
                                     "numpy": np.__version__,
-                                    "torch": getattr(torch, "__version__", None)},
+                                    "torch": getattr(torch, "__version__", None),
+                                    "jax": getattr(jax, "__version__", None)},
                        "machine": platform.processor() or platform.machine(),
                        "date": time.strftime("%Y-%m-%d"),
                        "cases": results, "module_calls": calls}, f, indent=1)
