@@ -5,9 +5,11 @@ Reads ``docs/_data/bench_cpu.json``, written by::
     python -m numba_bn.bench --json docs/_data/bench_cpu.json
 
 and draws ``docs/figures/bench_<dtype>.png``: per operation and case, the
-time of numba_bn and of NumPy relative to PyTorch's (log scale), and
-numba_bn's share of the memory-bandwidth floor. The date, machine and
-versions come from the JSON, so a figure always says which run it shows.
+time of numba_bn, JAX/XLA and NumPy relative to PyTorch's (log scale), and
+numba_bn's share of the memory-bandwidth floor; it also writes the table
+``docs/_data/bench_cpu.csv`` that the performance page shows. The date,
+machine and versions come from the JSON, so a figure always says which run
+it shows.
 
 Run from the repository root: ``python docs/scripts/plot_bench.py``.
 """
@@ -24,6 +26,8 @@ from _stamp import DATA, save  # noqa: E402
 OPERATIONS = ("train", "eval", "backward")
 TITLES = {"train": "training forward", "eval": "eval forward",
           "backward": "backward"}
+LABELS = {"numba_bn": "numba_bn", "jax": "JAX/XLA (jax.jit)", "numpy": "NumPy"}
+COLORS = {"numba_bn": "C0", "jax": "C2", "numpy": "0.7"}
 
 
 def case_label(case):
@@ -38,11 +42,14 @@ def plot(run, dtype):
     for column, op in enumerate(OPERATIONS):
         mine = [c for c in cases if c["op"] == op]
         where = np.arange(len(mine))
-        ours = [c["seconds"]["numba_bn"] / c["seconds"]["torch"] for c in mine]
-        numpy_ = [c["seconds"]["numpy"] / c["seconds"]["torch"] for c in mine]
+        contenders = [name for name in ("numba_bn", "jax", "numpy")
+                      if name in mine[0]["seconds"]]
+        width = 0.8 / len(contenders)
         ax = axes[0, column]
-        ax.bar(where - 0.2, ours, 0.4, label="numba_bn")
-        ax.bar(where + 0.2, numpy_, 0.4, label="NumPy", color="0.7")
+        for i, name in enumerate(contenders):
+            ax.bar(where + (i - (len(contenders) - 1) / 2) * width,
+                   [c["seconds"][name] / c["seconds"]["torch"] for c in mine],
+                   width, label=LABELS[name], color=COLORS[name])
         ax.axhline(1.0, color="k", lw=0.8, label="PyTorch")
         ax.set_yscale("log")
         ax.set_title(f"{TITLES[op]}: time / PyTorch's")
@@ -66,10 +73,30 @@ def plot(run, dtype):
              f"{run['date']} · python -m numba_bn.bench --json · "
              f"docs/scripts/plot_bench.py · numba_bn {versions['numba_bn']}, "
              f"numba {versions['numba']}, numpy {versions['numpy']}, torch "
-             f"{versions['torch']} · {run['machine']}",
+             f"{versions['torch']}, jax {versions.get('jax')} · {run['machine']}",
              fontsize=6, color="0.4", ha="left", va="bottom")
     save(fig, f"bench_{dtype}")
     plt.close(fig)
+
+
+def write_table(run):
+    """``bench_cpu.csv``: per case numba_bn's time, its ratios to PyTorch
+    and JAX, and its share of the floor."""
+    rows = ["operation,shape,dtype,layout,numba_bn (ms),vs PyTorch,vs JAX,"
+            "% of floor"]
+    for c in run["cases"]:
+        jax = c.get("ratio_to_jax")
+        rows.append(",".join([
+            TITLES[c["op"]], '"(' + ", ".join(map(str, c["shape"])) + ')"',
+            c["dtype"], "channels-last" if c["layout"] == "channels_last"
+            else ("(N, C)" if len(c["shape"]) == 2 else "NCHW"),
+            f"{c['seconds']['numba_bn'] * 1e3:.3f}",
+            f"{c['ratio_to_torch']:.2f}x", "-" if jax is None else f"{jax:.2f}x",
+            f"{100 * c['floor_share']:.0f}"]))
+    path = os.path.join(DATA, "bench_cpu.csv")
+    with open(path, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    print("wrote", os.path.normpath(path))
 
 
 def main():
@@ -77,6 +104,7 @@ def main():
         run = json.load(f)
     for dtype in sorted({c["dtype"] for c in run["cases"]}):
         plot(run, dtype)
+    write_table(run)
 
 
 if __name__ == "__main__":
