@@ -231,24 +231,24 @@ def jax_contender(jax, op, x, dy, w, b, rm, rv, save_mean, save_invstd):
         invstd = per_channel(save_invstd, x.dtype)
 
         @jax.jit
-        def run(dy, x):
+        def backward(dy, x):
             xhat = (x - mean) * invstd
             g = dy * wj
             return invstd * (g - g.mean(axis=axes, keepdims=True)
                              - xhat * (g * xhat).mean(axis=axes, keepdims=True))
-        return lambda: run(dyj, xj).block_until_ready()
+        return lambda: backward(dyj, xj).block_until_ready()
     training = op == "train"
     rmj, rvj = per_channel(rm, x.dtype), per_channel(rv, x.dtype)
 
     @jax.jit
-    def run(x):
+    def forward(x):
         if training:
             mean = x.mean(axis=axes, keepdims=True)
             var = x.var(axis=axes, keepdims=True)
         else:
             mean, var = rmj, rvj
         return (x - mean) * jax.lax.rsqrt(var + EPS) * wj + bj
-    return lambda: run(xj).block_until_ready()
+    return lambda: forward(xj).block_until_ready()
 
 
 def time_interleaved(contenders, rounds, min_sample=2e-3):
