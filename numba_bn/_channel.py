@@ -79,8 +79,9 @@ def merged_sums(psum, psumprod, c):
 
 
 @register_jitable
-def merge_ranks(channels, gathered, moments, total, total_prod):
-    """Combine the per-channel sums of several processes, in rank order.
+def merge_ranks(channels, gathered, moments, partials, center):
+    """Combine the per-channel sums of several processes, in rank order, into
+    ``partials[:, 0]`` as the finishers read them.
 
     Row ``r`` of ``gathered`` is rank ``r``'s message: ``[ok, count, *a, *b]``
     with ``moments`` (``a`` = shift, then its ``x - shift`` sums ``s1`` and
@@ -93,8 +94,11 @@ def merge_ranks(channels, gathered, moments, total, total_prod):
     ``m2 = m2_a + m2_b + delta**2 * n_a * n_b / n``: no ``sum(x**2)``, so
     nothing cancels when the mean is large. Every process merges the same
     rows in the same order, so all get bit-identical statistics.
+
+    With ``moments`` the mean goes to ``center`` and ``partials[:, 0]``
+    holds the sums about it, ``0`` and ``m2``; otherwise the two sums.
     """
-    n_channels = total.shape[0]
+    n_channels = partials.shape[2]
     first = 2 + n_channels if moments else 2
     for c in channels:
         count = 0.0
@@ -115,8 +119,12 @@ def merge_ranks(channels, gathered, moments, total, total_prod):
                 a += delta * (n / merged)
                 b += m2_r + delta * delta * (count * n / merged)
             count += n
-        total[c] = a
-        total_prod[c] = b
+        if moments:
+            center[c] = a
+            partials[0, 0, c] = 0.0
+        else:
+            partials[0, 0, c] = a
+        partials[1, 0, c] = b
 
 
 @register_jitable

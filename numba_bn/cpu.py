@@ -723,13 +723,8 @@ def _merge_partials(psum, psumprod, total, total_prod):
 @njit(cache=True)
 def _merge_ranks(gathered, moments, header, partials, center):
     header[:, :] = gathered[:, :2]
-    if moments:
-        _channel.merge_ranks(range(center.shape[0]), gathered, True, center,
-                             partials[1, 0])
-        partials[0, 0, :] = 0.0
-    else:
-        _channel.merge_ranks(range(center.shape[0]), gathered, False,
-                             partials[0, 0], partials[1, 0])
+    _channel.merge_ranks(range(center.shape[0]), gathered, moments, partials,
+                         center)
 
 
 # --------------------------------------------------------------------------

@@ -474,13 +474,8 @@ def _merge_ranks(gathered, moments, header, partials, center):
         header[i, 0] = gathered[i, 0]
         header[i, 1] = gathered[i, 1]
     if i < partials.shape[2]:
-        if moments:
-            _channel.merge_ranks(range(i, i + 1), gathered, True, center,
-                                 partials[1, 0])
-            partials[0, 0, i] = 0.0
-        else:
-            _channel.merge_ranks(range(i, i + 1), gathered, False,
-                                 partials[0, 0], partials[1, 0])
+        _channel.merge_ranks(range(i, i + 1), gathered, moments, partials,
+                             center)
 
 
 # --------------------------------------------------------------------------
@@ -550,14 +545,14 @@ def _view(a, shape=None, strides=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _placeholder(dtype):
-    """An empty 1-d array of ``dtype``: an absent optional kernel argument."""
-    return cuda.device_array(0, np.dtype(dtype))
+def _placeholder(dtype, ndim=1):
+    """An empty array of ``dtype``: an absent optional kernel argument."""
+    return cuda.device_array((0,) * ndim, np.dtype(dtype))
 
 
-def _optional(a, dtype):
+def _optional(a, dtype, ndim=1):
     """A kernel view of ``a``, or the placeholder of ``dtype`` for None."""
-    return _placeholder(dtype) if a is None else _view(a)
+    return _placeholder(dtype, ndim) if a is None else _view(a)
 
 
 _EXTERNAL_STREAMS = {}
@@ -784,17 +779,7 @@ def _launch_statistics(stream, x4, dy4, moments, center, count, finish,
            _optional(save_invstd, f64), _optional(coefficients, f64),
            _optional(grad_weight, param_dtype),
            _optional(grad_bias, param_dtype), bool(batch_stats),
-           _message_view(message), int(rank))
-
-
-def _message_view(message):
-    return (_view(message) if message is not None
-            else _placeholder_2d())
-
-
-@functools.lru_cache(maxsize=1)
-def _placeholder_2d():
-    return cuda.device_array((0, 0), np.float64)
+           _optional(message, f64, ndim=2), int(rank))
 
 
 def _launch_normalize(stream, x4, dy4, with_dy, out4, source, param_dtype,
@@ -805,12 +790,12 @@ def _launch_normalize(stream, x4, dy4, with_dy, out4, source, param_dtype,
     grid, _ = _grid(x4.shape, channels_last, lanes * rows_of_block, lanes,
                     config.element_blocks)
     f64 = np.float64
-    spread_dtype = f64 if source == _SAVED else param_dtype
-    mean_dtype = f64 if source == _SAVED else param_dtype
+    # The saved statistics are float64, the running ones the parameters'.
+    statistics_dtype = f64 if source == _SAVED else param_dtype
     _normalize[grid, (lanes, rows_of_block), stream](
         x4, dy4, with_dy, out4, channels_last, source,
-        _optional(coefficients, f64), _optional(mean, mean_dtype),
-        _optional(spread, spread_dtype), _optional(weight, param_dtype),
+        _optional(coefficients, f64), _optional(mean, statistics_dtype),
+        _optional(spread, statistics_dtype), _optional(weight, param_dtype),
         _optional(bias, param_dtype), float(eps), _optional(save_mean, f64),
         _optional(save_invstd, f64))
 

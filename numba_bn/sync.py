@@ -136,8 +136,6 @@ class SyncBatchNorm(_BatchNorm):
         # Whether the collectives take GPU buffers; None until the first
         # exchange (_agree_on_channels).
         self._gpu_buffers = None
-        # The last exchange's messages of every rank.
-        self._gathered = None
 
     def forward(self, x, *, out=None):
         """Normalize ``x``, this rank's shard of the batch.
@@ -175,7 +173,8 @@ class SyncBatchNorm(_BatchNorm):
         except Exception:
             self._exchange(backend, gathered, False, True)
             raise
-        count, partials, mean = self._exchange(backend, gathered, True, True)
+        count, partials, mean, _ = self._exchange(backend, gathered, True,
+                                                  True)
         if count == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, got 1 "
@@ -224,13 +223,14 @@ class SyncBatchNorm(_BatchNorm):
         except Exception:
             self._exchange(backend, gathered, False, False)
             raise
-        count, partials, _ = self._exchange(backend, gathered, True, False)
+        count, partials, _, gathered = self._exchange(backend, gathered,
+                                                      True, False)
         # The gathered messages hold this rank's own sums too: the
         # parameter gradients come from those (``cpu.backward``).
         dx, grad_weight, grad_bias = gradients(
             backend, dy, x, self.weight, save_mean, save_invstd, True,
             None if self.weight is None else self.dtype, out,
-            sums=(count, partials, self._gathered, self.comm.rank))
+            sums=(count, partials, gathered, self.comm.rank))
         self.grad_weight = grad_weight
         self.grad_bias = grad_bias if self.bias is not None else None
         return dx
@@ -270,7 +270,6 @@ class SyncBatchNorm(_BatchNorm):
         A rank whose own work failed (``ok`` False) sends a row flagged as
         failed, gets None back and raises its own error; the others raise
         here, all alike, so no rank is left waiting in a later collective.
-        The gathered messages are kept as ``self._gathered``.
 
         Returns
         -------
@@ -279,6 +278,9 @@ class SyncBatchNorm(_BatchNorm):
         partials, center : array
             The whole batch's sums, on ``backend``: see
             :func:`numba_bn.cpu.merge_ranks`.
+        gathered : array
+            Every rank's message, on ``backend`` (a copy of the buffer when
+            staged through host memory).
         """
         if not ok:
             _write_blank(backend, gathered, self.comm.rank, ok)
@@ -291,7 +293,6 @@ class SyncBatchNorm(_BatchNorm):
             gathered = backend.from_host(staged)
         if not ok:
             return None
-        self._gathered = gathered
         header, partials, center = backend.merge_ranks(gathered, moments)
         header = backend.to_host(header)
         failed = np.flatnonzero(header[:, 0] == 0).tolist()
@@ -299,7 +300,7 @@ class SyncBatchNorm(_BatchNorm):
             raise RuntimeError(
                 f"SyncBatchNorm: rank(s) {failed} of the communicator raised "
                 "in this call (see their error); nothing was changed")
-        return int(header[:, 1].sum()), partials, center
+        return int(header[:, 1].sum()), partials, center, gathered
 
     def _write_sums(self, backend, gathered, x, dy, center):
         """This shard's message, into row ``comm.rank`` of ``gathered``.
