@@ -291,22 +291,26 @@ def _folded_overload(x, mean, scale, offset):
 
 @register_jitable
 def _terms(x, dy, k, moments):
-    """``_channel.partial_terms``, but ``(dy, dy * x)`` for the gradient
-    sums of elements ``x`` that ``_leaves_mean_out``: add their sums up
+    """The summands of one element: ``_channel.partial_terms`` and
+    ``x - k``, whose sum checks in the backward that ``x`` did not change
+    since the forward (``_x_changed``). For the gradient sums of elements
+    ``x`` that ``_leaves_mean_out``: ``(dy, dy * x, x)``; add their sums up
     with ``_centered``."""
     if not moments and _leaves_mean_out(x):
         u = np.float64(dy)
-        return u, u * np.float64(x)
-    return _channel.partial_terms(x, dy, k, moments)
+        v = np.float64(x)
+        return u, u * v, v
+    u, uv = _channel.partial_terms(x, dy, k, moments)
+    return u, uv, np.float64(x) - k
 
 
 @register_jitable
-def _centered(x, s1, s2, k, moments):
-    """``(s1, s2)``, sums of ``_terms`` of elements of the array ``x``, as
-    sums of ``_channel.partial_terms``."""
+def _centered(x, s1, s2, s3, k, count, moments):
+    """``(s1, s2, s3)``, sums of ``_terms`` of ``count`` elements of the
+    array ``x``, as sums of ``_channel.partial_terms`` and of ``x - k``."""
     if not moments and _leaves_mean_out(x):
-        return s1, s2 - k * s1
-    return s1, s2
+        return s1, s2 - k * s1, s3 - k * count
+    return s1, s2, s3
 
 
 @register_jitable
@@ -334,7 +338,8 @@ def _tiled(vector, width):
 
 @njit(inline="always")
 def _plane_sums(x4, dy4, n, c, k, moments, rows, cols):
-    """Float64 sums of ``u`` and ``u * (x - k)`` over the plane ``(n, c)``.
+    """Float64 sums of ``u``, ``u * (x - k)`` and ``x - k`` over the plane
+    ``(n, c)``.
 
     ``u = x - k`` with ``moments``, else ``u = dy``. Elements are indexed
     with 4-d tuples, not through row slices: a slice costs as much as a
@@ -345,12 +350,14 @@ def _plane_sums(x4, dy4, n, c, k, moments, rows, cols):
     """
     s1 = 0.0
     s2 = 0.0
+    s3 = 0.0
     for r in range(rows):
         for s in range(cols):
-            u, uv = _terms(x4[n, c, r, s], dy4[n, c, r, s], k, moments)
+            u, uv, v = _terms(x4[n, c, r, s], dy4[n, c, r, s], k, moments)
             s1 += u
             s2 += uv
-    return _centered(x4, s1, s2, k, moments)
+            s3 += v
+    return _centered(x4, s1, s2, s3, k, rows * cols, moments)
 
 
 @njit(inline="always")
@@ -389,12 +396,15 @@ def _channel_totals(x4, dy4, c, k, moments, totals, rows, cols):
     """``totals[:, c]``: channel ``c``'s sums of ``_plane_sums``, all planes."""
     s1 = 0.0
     s2 = 0.0
+    s3 = 0.0
     for n in range(x4.shape[0]):
-        t1, t2 = _plane_sums(x4, dy4, n, c, k, moments, rows, cols)
+        t1, t2, t3 = _plane_sums(x4, dy4, n, c, k, moments, rows, cols)
         s1 += t1
         s2 += t2
+        s3 += t3
     totals[0, c] = s1
     totals[1, c] = s2
+    totals[2, c] = s3
 
 
 # A plane kernel walks chunks of consecutive planes of about this many
@@ -432,9 +442,10 @@ def _chunk_samples(p, per_chunk, n_samples, n_channels):
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
-def _channel_partials(x4, dy4, center, moments, psum, psumprod):
+def _channel_partials(x4, dy4, center, moments, psum, psumprod, psum_x):
     """``psum[n, c] = sum(u)``, ``psumprod[n, c] = sum(u * (x - center[c]))``
-    for every plane (see ``_plane_sums``)."""
+    and ``psum_x[n, c] = sum(x - center[c])`` for every plane (see
+    ``_plane_sums``)."""
     n_samples, n_channels, rows, cols = x4.shape
     chunks, per_chunk = _plane_chunks(x4)
     for p in prange(chunks):
@@ -442,7 +453,7 @@ def _channel_partials(x4, dy4, center, moments, psum, psumprod):
         for n in range(first_n, stop_n):
             first_c, stop_c = _chunk_channels(n, p, per_chunk, n_channels)
             for c in range(first_c, stop_c):
-                psum[n, c], psumprod[n, c] = _plane_sums(
+                psum[n, c], psumprod[n, c], psum_x[n, c] = _plane_sums(
                     x4, dy4, n, c, np.float64(center[c]), moments, rows,
                     cols)
 
@@ -501,7 +512,7 @@ def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
     """
     n_samples, n_channels, rows, cols = x4.shape
     shift = np.empty(n_channels)
-    totals = np.empty((2, n_channels))
+    totals = np.empty((3, n_channels))
     for c in prange(n_channels):
         shift[c] = x4[0, c, 0, 0]
         _channel_totals(x4, x4, c, shift[c], True, totals, rows, cols)
@@ -521,16 +532,18 @@ def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
 def _backward_per_channel(x4, dy4, save_mean, save_invstd, weight,
                           batch_stats, grad_weight, grad_bias, scale, offset,
-                          gain, dx4, stream):
+                          gain, dx4, stream, sum_x):
     """Backward, one channel per iteration: its gradient sums, its
     coefficients (``_channel.finish_backward``), then its ``dx`` while
     ``x`` and ``dy`` are still in the core's cache (see
-    ``_forward_per_channel``)."""
+    ``_forward_per_channel``). ``sum_x``: a ``(1, C)`` array for the sums
+    of ``x - save_mean``."""
     n_samples, n_channels, rows, cols = x4.shape
-    totals = np.empty((2, n_channels))
+    totals = np.empty((3, n_channels))
     for c in prange(n_channels):
         mean = np.float64(save_mean[c])
         _channel_totals(x4, dy4, c, mean, False, totals, rows, cols)
+        sum_x[0, c] = totals[2, c]
         _channel.finish_backward(
             range(c, c + 1), totals[0:1], totals[1:2],
             n_samples * rows * cols, save_invstd, weight, batch_stats,
@@ -545,7 +558,7 @@ def _backward_per_channel(x4, dy4, save_mean, save_invstd, weight,
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
 def _channel_partials_rows(xp, dyp, center, moments, unrolled, psum,
-                           psumprod):
+                           psumprod, psum_x):
     """Channel-innermost twin of ``_channel_partials``.
 
     Takes position-major views ``(N, R, S, C)``; partial row ``p`` sums the
@@ -566,6 +579,7 @@ def _channel_partials_rows(xp, dyp, center, moments, unrolled, psum,
             k[c] = center[c]
         s1 = np.zeros(n_channels)
         s2 = np.zeros(n_channels)
+        s3 = np.zeros(n_channels)
         stop = min(positions, (p + 1) * per_chunk)
         j = p * per_chunk
         while j < stop:
@@ -581,23 +595,28 @@ def _channel_partials_rows(xp, dyp, center, moments, unrolled, psum,
                 for c in range(n_channels):
                     t1 = 0.0
                     t2 = 0.0
+                    t3 = 0.0
                     for q in range(_ROWS_UNROLL):
-                        u, uv = _terms(x_line[s + q, c], dy_line[s + q, c],
-                                       k[c], moments)
+                        u, uv, v = _terms(x_line[s + q, c],
+                                          dy_line[s + q, c], k[c], moments)
                         t1 += u
                         t2 += uv
+                        t3 += v
                     s1[c] += t1
                     s2[c] += t2
+                    s3[c] += t3
             for s in range(full, last):
                 for c in range(n_channels):
-                    u, uv = _terms(x_line[s, c], dy_line[s, c], k[c],
-                                   moments)
+                    u, uv, v = _terms(x_line[s, c], dy_line[s, c], k[c],
+                                      moments)
                     s1[c] += u
                     s2[c] += uv
+                    s3[c] += v
             j += last - first
+        count = max(0, stop - p * per_chunk)
         for c in range(n_channels):
-            psum[p, c], psumprod[p, c] = _centered(xp, s1[c], s2[c], k[c],
-                                                   moments)
+            psum[p, c], psumprod[p, c], psum_x[p, c] = _centered(
+                xp, s1[c], s2[c], s3[c], k[c], count, moments)
 
 
 @register_jitable
@@ -727,6 +746,58 @@ def _merge_ranks(gathered, moments, header, partials, center):
                          center)
 
 
+# Float64 sums of one channel's values in two orders (the forward's, about
+# a sample of the channel, and the backward's, about the mean) differ by
+# rounding: at most about (values added in a row) x eps x (the values' size)
+# per value. 2**16 eps per value covers that with a wide margin and stays
+# far below an ordinary change of a single value (``_x_changed``).
+_UNCHANGED_SLACK = 2.0 ** 16 * np.finfo(np.float64).eps
+
+
+@njit(cache=True)
+def _x_changed(psum_x, expected, count, save_mean, save_invstd, first):
+    """Whether ``x`` changed since the forward: whether its sums of
+    ``x - save_mean``, the rows of ``psum_x``, differ from the forward's
+    ``expected`` by more than rounding (``_UNCHANGED_SLACK``).
+
+    The values' size is ``|mean| + std + |first - mean|``, ``first`` the
+    sample of each channel the forward summed about. NaN sums compare
+    unequal to nothing: a NaN in ``x`` is the forward's result, not a
+    change.
+    """
+    total, _ = _row_totals(psum_x, psum_x)
+    for c in range(expected.shape[0]):
+        mean = np.float64(save_mean[c])
+        invstd = np.float64(save_invstd[c])
+        size = abs(mean) + abs(np.float64(first[c]) - mean)
+        size += 1.0 / invstd if invstd > 0.0 else np.inf
+        if abs(total[0, c] - expected[c]) > _UNCHANGED_SLACK * count * size:
+            return True
+    return False
+
+
+def _first_sample(x4, n_channels, rows_layout):
+    """The first value of each channel in the views of ``_views``: the
+    forward's shift (``forward_batch_stats``)."""
+    return x4[0, 0, 0, :n_channels] if rows_layout else x4[0, :, 0, 0]
+
+
+def _check_unchanged(x_check, psum_x, x4, rows_layout, count, save_mean,
+                     save_invstd):
+    """Raise when ``x`` changed since the forward (``_x_changed``); a
+    ``x_check`` of None checks nothing."""
+    if x_check is None:
+        return
+    first = _first_sample(x4, save_mean.shape[0], rows_layout)
+    if _x_changed(psum_x, x_check, count, save_mean, save_invstd, first):
+        raise RuntimeError(
+            "the input of the last forward() was changed in place before "
+            "backward(): its per-channel sums differ from the forward's by "
+            "more than rounding, so the saved statistics no longer match "
+            "it. Leave x unchanged until backward (pass forward a copy if "
+            "you must reuse the array), or run forward again")
+
+
 # --------------------------------------------------------------------------
 # launching
 
@@ -821,7 +892,8 @@ def _row_chunks(xp):
 
 
 def _partials(x4, dy4, center, moments, rows_layout):
-    """Partial sums of every channel as two ``(P, C)`` float64 arrays.
+    """Partial sums of every channel as three ``(P, C)`` float64 arrays (see
+    ``_plane_sums``).
 
     Per plane (P = N) when a channel's values are contiguous, per chunk of
     positions (and position in a row group) when the channel axis is
@@ -830,10 +902,10 @@ def _partials(x4, dy4, center, moments, rows_layout):
     """
     n_channels = center.shape[0]
     if not rows_layout:
-        psum, psumprod = _empties(2, (x4.shape[0], n_channels))
-        _launch(_channel_partials, x4, dy4, center, moments, psum, psumprod)
-        return psum, psumprod
-    psum, psumprod = _empties(2, (_row_chunks(x4), x4.shape[3]))
+        psums = _empties(3, (x4.shape[0], n_channels))
+        _launch(_channel_partials, x4, dy4, center, moments, *psums)
+        return psums
+    psums = _empties(3, (_row_chunks(x4), x4.shape[3]))
     # Unrolled only for inputs in the cache, or float64 sums of x: from
     # memory (``_from_memory``) one position at a time, a line after the
     # other, keeps the prefetchers ahead where eight or sixteen lines at
@@ -844,11 +916,11 @@ def _partials(x4, dy4, center, moments, rows_layout):
         unrolled = x4.itemsize == 8 or not _from_memory(x4)
     else:
         unrolled = 2 * x4.nbytes < _UNROLLED_GRADIENT_SUMS_BYTES
-    _launch(_channel_partials_rows, x4, dy4, center, moments, unrolled, psum,
-            psumprod)
+    _launch(_channel_partials_rows, x4, dy4, center, moments, unrolled,
+            *psums)
     # (chunks, positions per row * C) is (chunks * positions per row, C):
     # one partial row each.
-    return (psum.reshape(-1, n_channels), psumprod.reshape(-1, n_channels))
+    return [a.reshape(-1, n_channels) for a in psums]
 
 
 def _streams(out, arrays):
@@ -1185,9 +1257,9 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
             # Sums of x - shift with a sample of each channel as its
             # shift; float64 like the backward's mean, so both passes
             # share one compiled kernel.
-            first = x4[0, 0, 0, :n_channels] if rows_layout else x4[0, :, 0, 0]
-            shift = first.astype(np.float64)
-            psum, psumsq = _partials(x4, x4, shift, True, rows_layout)
+            shift = _first_sample(x4, n_channels, rows_layout).astype(
+                np.float64)
+            psum, psumsq, _ = _partials(x4, x4, shift, True, rows_layout)
             count = x.size // n_channels
         else:
             count, shift, (psum, psumsq) = moments
@@ -1225,7 +1297,7 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
 
 
 def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
-             out=None, sums=None):
+             out=None, sums=None, x_check=None):
     """Gradients of a forward that normalized with ``save_mean``/``save_invstd``.
 
     Parameters
@@ -1249,11 +1321,23 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
         coefficients of ``dx``, in place of ``x``'s own, as
         :func:`merge_ranks` returns them; the parameter gradients come from
         this rank's own sums, row ``rank`` of the gathered ``message``.
+    x_check : numpy.ndarray, optional
+        ``(C,)`` float64 sums of ``x - save_mean`` at the forward (zeros:
+        ``save_mean`` is ``x``'s mean), for a batch-statistics backward
+        without ``sums`` to check that ``x`` is unchanged; None checks
+        nothing (the functional form, whose caller may pass any
+        statistics).
 
     Returns
     -------
     dx : numpy.ndarray
     grad_weight, grad_bias : numpy.ndarray or None
+
+    Raises
+    ------
+    RuntimeError
+        ``x``'s sums differ from ``x_check`` by more than rounding: ``x``
+        was changed since the forward.
     """
     x_compute, dy_compute, weight = _computable_like(x, dy, weight)
     dx, (x4, dy4, dx4), rows_layout = _views([x_compute, dy_compute], out)
@@ -1268,16 +1352,24 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     scale, offset, gain = _empties(3, n_channels)
     reduces = sums is None and (batch_stats or grad_dtype is not None)
     if reduces and batch_stats and _per_channel(x4, 2, rows_layout):
+        sum_x = np.empty((1, n_channels))
         _launch(_backward_per_channel, x4, dy4, save_mean, save_invstd,
                 weight, batch_stats, grad_weight, grad_bias, scale, offset,
-                gain, dx4, _streams(dx4, 3))
+                gain, dx4, _streams(dx4, 3), sum_x)
+        # After dx, which the same kernel wrote: the module's state is
+        # assigned only when this returns.
+        _check_unchanged(x_check, sum_x, x4, rows_layout, count, save_mean,
+                         save_invstd)
     else:
         message = None
         if sums is not None:
             count, (psum_dy, psum_dy_xmu), message, rank = sums
         elif reduces:
-            psum_dy, psum_dy_xmu = _partials(x4, dy4, save_mean, False,
-                                             rows_layout)
+            psum_dy, psum_dy_xmu, psum_x = _partials(x4, dy4, save_mean,
+                                                     False, rows_layout)
+            if batch_stats:
+                _check_unchanged(x_check, psum_x, x4, rows_layout, count,
+                                 save_mean, save_invstd)
         else:
             # Constant statistics and no parameter gradient: dx = gain * dy.
             psum_dy = psum_dy_xmu = np.zeros((0, n_channels))
@@ -1305,7 +1397,8 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     return _deliver(dx, dy.dtype, out), grad_weight, grad_bias
 
 
-def write_message(gathered, rank, x, dy, center, moments):
+def write_message(gathered, rank, x, dy, center, moments, x_check=None,
+                  save_invstd=None):
     """This rank's SyncBatchNorm message, into row ``rank`` of ``gathered``.
 
     ``[1, count, *shift, *s1, *s2]`` with ``moments``: the shift is a sample
@@ -1324,18 +1417,30 @@ def write_message(gathered, rank, x, dy, center, moments):
     center : numpy.ndarray or None
         ``(C,)`` float64 forward mean (backward only).
     moments : bool
+    x_check, save_invstd : numpy.ndarray, optional
+        Backward only: ``(C,)`` float64 sums of this shard's
+        ``x - center`` at the forward, and the forward's ``save_invstd``,
+        to check that ``x`` is unchanged, as in :func:`backward`.
+
+    Raises
+    ------
+    RuntimeError
+        ``x`` was changed since the forward (see :func:`backward`).
     """
     x, dy = _computable_like(x, dy)
     # x is its own target here: the views are read, nothing is written.
     _, (x4, dy4, _), rows_layout = _views([x, dy], x)
     n_channels = x.shape[1]
     row = gathered[rank]
-    row[:2] = 1, x.size // n_channels
+    count = x.size // n_channels
+    row[:2] = 1, count
     if moments:
         center = row[2:2 + n_channels]
-        center[:] = (x4[0, 0, 0, :n_channels] if rows_layout
-                     else x4[0, :, 0, 0])
-    psum, psumprod = _partials(x4, dy4, center, moments, rows_layout)
+        center[:] = _first_sample(x4, n_channels, rows_layout)
+    psum, psumprod, psum_x = _partials(x4, dy4, center, moments, rows_layout)
+    if not moments:
+        _check_unchanged(x_check, psum_x, x4, rows_layout, count, center,
+                         save_invstd)
     _merge_partials(psum, psumprod, row[-2 * n_channels:-n_channels],
                     row[-n_channels:])
 

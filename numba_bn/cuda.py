@@ -936,12 +936,14 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
 
 
 def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
-             out=None, sums=None):
+             out=None, sums=None, x_check=None):
     """Gradients of a forward that normalized with ``save_mean``/``save_invstd``.
 
     Same parameters and returns as :func:`numba_bn.cpu.backward`, with
     device arrays. Two launches (gradient sums, ``dx``), or one when the
     statistics were constant and no parameter gradient is asked for.
+    ``x_check`` is not checked here: raising would take a device-to-host
+    read, a wait for the GPU, in every backward.
     """
     stream = _stream_for(x)
     _after_producers(stream, [dy, out])
@@ -984,11 +986,12 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     return _deliver(dx, out, stream), grad_weight, grad_bias
 
 
-def write_message(gathered, rank, x, dy, center, moments):
+def write_message(gathered, rank, x, dy, center, moments, x_check=None,
+                  save_invstd=None):
     """This rank's SyncBatchNorm message, into row ``rank`` of ``gathered``.
 
     Same parameters as :func:`numba_bn.cpu.write_message`, with device
-    arrays. One launch.
+    arrays. One launch. ``x_check`` is not checked, as in :func:`backward`.
     """
     stream = _stream_for(x)
     _after_producers(stream, [dy])

@@ -40,7 +40,7 @@ def normalize(backend, x, weight, bias, eps, batch_stats, running_mean,
 
 
 def gradients(backend, dy, x, weight, save_mean, save_invstd, batch_stats,
-              grad_dtype, out=None, sums=None):
+              grad_dtype, out=None, sums=None, x_check=None):
     """Validated backward on ``backend``; see ``cpu.backward``.
 
     For an empty batch ``dx`` is empty and the parameter gradients are zeros.
@@ -51,7 +51,7 @@ def gradients(backend, dy, x, weight, save_mean, save_invstd, batch_stats,
             for _ in range(2))
         return (backend.empty_like(x) if out is None else out,) + grads
     return backend.backward(dy, x, weight, save_mean, save_invstd,
-                            batch_stats, grad_dtype, out, sums)
+                            batch_stats, grad_dtype, out, sums, x_check)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None,
@@ -261,3 +261,4 @@ def check_output(out, like, inputs, backend):
 def _check_vectors(backend, x, **vectors):
     for name, a in vectors.items():
         check.check_vector(a, name, x.shape[1], backend.DEVICE, x.dtype)
+

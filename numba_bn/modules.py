@@ -190,11 +190,13 @@ class _BatchNorm:
         return ((self.training and not self.freeze)
                 or not self.track_running_stats)
 
-    def _normalize(self, backend, x, out, moments=None):
+    def _normalize(self, backend, x, out, moments=None, x_check=None):
         """The validated forward; saves what :meth:`backward` needs.
 
         ``moments``: the statistics of a larger batch ``x`` belongs to
-        (``cpu.forward_batch_stats``).
+        (``cpu.forward_batch_stats``), and ``x_check`` then ``x``'s own
+        sums of ``x - mean`` (``cpu.backward``); without ``moments`` they
+        are zeros, as ``mean`` is ``x``'s own.
         """
         batch_stats = self._uses_batch_stats()
         update = batch_stats and self.track_running_stats
@@ -205,7 +207,9 @@ class _BatchNorm:
             self.running_var if update or not batch_stats else None,
             self.num_batches_tracked if update else None, momentum,
             cumulative, out, moments)
-        self._saved = (x, save_mean, save_invstd, batch_stats)
+        if batch_stats and moments is None:
+            x_check = np.zeros(self.num_features)
+        self._saved = (x, save_mean, save_invstd, batch_stats, x_check)
         return y
 
     def backward(self, dy, *, out=None):
@@ -233,7 +237,10 @@ class _BatchNorm:
         Raises
         ------
         RuntimeError
-            No forward has run.
+            No forward has run, or (CPU) the forward normalized with batch
+            statistics and its input was changed in place since: the
+            gradient would be wrong. ``grad_weight`` and ``grad_bias`` keep
+            their values.
         ValueError, TypeError
             ``dy`` of another shape, device or dtype.
 
@@ -248,13 +255,14 @@ class _BatchNorm:
         """
         if self._saved is None:
             raise RuntimeError("backward() called before any forward()")
-        x, save_mean, save_invstd, batch_stats = self._saved
+        x, save_mean, save_invstd, batch_stats, x_check = self._saved
         dy = check_gradient(dy, x, self._backend)
         out = check_output(out, dy, [dy, x], self._backend)
         wants_grads = self.weight is not None and not self.freeze
         dx, grad_weight, grad_bias = gradients(
             self._backend, dy, x, self.weight, save_mean, save_invstd,
-            batch_stats, self.dtype if wants_grads else None, out)
+            batch_stats, self.dtype if wants_grads else None, out,
+            x_check=x_check)
         self.grad_weight = grad_weight
         self.grad_bias = grad_bias if self.bias is not None else None
         return dx
@@ -527,3 +535,4 @@ class BatchNorm3d(_BatchNorm):
     np.float32(0.999995)
     """)
     _input_ndims = (5,)
+

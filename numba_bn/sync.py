@@ -182,7 +182,8 @@ class SyncBatchNorm(_BatchNorm):
         if count == 0:  # every shard empty: nothing changes, as in BatchNorm
             return self._normalize(backend, x, out)
         return self._normalize(backend, x, out,
-                               moments=(count, mean, partials))
+                               moments=(count, mean, partials),
+                               x_check=self._own_sums(backend, gathered, mean))
 
     def backward(self, dy, *, out=None):
         """This rank's slice of the whole batch's input gradient.
@@ -204,13 +205,15 @@ class SyncBatchNorm(_BatchNorm):
         Raises
         ------
         RuntimeError
-            No forward has run, or another rank's ``dy`` was invalid.
+            No forward has run, this rank's input was changed in place since
+            the forward (CPU), or another rank raised in this call (on
+            every other rank).
         ValueError, TypeError
             ``dy`` of another shape, device or dtype.
         """
         if self._saved is None:
             raise RuntimeError("backward() called before any forward()")
-        x, save_mean, save_invstd, batch_stats = self._saved
+        x, save_mean, save_invstd, batch_stats, x_check = self._saved
         if not batch_stats or save_mean is None:
             # Constant statistics, or a batch empty on every rank: nothing
             # to share.
@@ -219,7 +222,8 @@ class SyncBatchNorm(_BatchNorm):
         try:
             dy = check_gradient(dy, x, backend)
             out = check_output(out, dy, [dy, x], backend)
-            self._write_sums(backend, gathered, x, dy, save_mean)
+            self._write_sums(backend, gathered, x, dy, save_mean, x_check,
+                             save_invstd)
         except Exception:
             self._exchange(backend, gathered, False, False)
             raise
@@ -302,21 +306,35 @@ class SyncBatchNorm(_BatchNorm):
                 "in this call (see their error); nothing was changed")
         return int(header[:, 1].sum()), partials, center, gathered
 
-    def _write_sums(self, backend, gathered, x, dy, center):
+    def _own_sums(self, backend, gathered, mean):
+        """This shard's sums of ``x - mean`` (``mean`` the whole batch's),
+        from its forward message in ``gathered``: ``s1 + count * (shift -
+        mean)``, for the backward to check ``x`` against (CPU only, see
+        :func:`numba_bn.cuda.backward`)."""
+        if backend is not cpu:
+            return None
+        own = gathered[self.comm.rank]
+        channels = self.num_features
+        shift, s1 = own[2:2 + channels], own[2 + channels:2 + 2 * channels]
+        return s1 + own[1] * (shift - mean)
+
+    def _write_sums(self, backend, gathered, x, dy, center, x_check=None,
+                    save_invstd=None):
         """This shard's message, into row ``comm.rank`` of ``gathered``.
 
         Forward (``center`` None): ``[1, count, *shift, *s1, *s2]``, with
         ``s1``, ``s2`` the per-channel sums of ``x - shift`` and its square
         about a sample of each channel, so that they do not cancel.
         Backward (``center`` the forward's mean):
-        ``[1, count, *sum(dy), *sum(dy * (x - center))]``. See
+        ``[1, count, *sum(dy), *sum(dy * (x - center))]``, after checking
+        that ``x`` is unchanged (``x_check``). See
         :func:`numba_bn.cpu.write_message`.
         """
         if x.size == 0:
             _write_blank(backend, gathered, self.comm.rank, True)
             return
         backend.write_message(gathered, self.comm.rank, x, dy, center,
-                              center is None)
+                              center is None, x_check, save_invstd)
 
 
 def _write_blank(backend, gathered, rank, ok):

@@ -7,6 +7,9 @@ import torch
 
 import numba_bn as nbn
 
+from . import reference as ref
+from .conftest import TOLERANCE
+
 
 def snapshot(bn):
     state = {k: v.copy() for k, v in bn.state_dict().items()}
@@ -290,3 +293,71 @@ def test_repr_shows_pytorchs_fields_dtype_and_device():
     text = repr(nbn.BatchNorm2d(8, dtype="float64"))
     assert text.startswith(repr(torch.nn.BatchNorm2d(8))[:-1] + ", ")
     assert text.endswith(", dtype=float64, device='cpu')")
+
+
+# (shape, channels-last, dtype) reaching each way the CPU backward sums x:
+# planes of small inputs, one kernel per channel (long planes in the
+# cache), channel-innermost rows, rows of several positions ((N, C)), and
+# the parallel kernels of larger inputs in both layouts.
+CHANGED_INPUTS = [((4, 3, 5, 6), False, np.float32),
+                  ((3, 2, 40, 40), False, np.float64),
+                  ((4, 6, 5, 7), True, np.float32),
+                  ((64, 5), False, np.float16),
+                  ((8, 4, 64, 64), False, np.float32),
+                  ((8, 4, 64, 64), True, np.float64)]
+
+
+def _layout(x, channels_last):
+    if not channels_last:
+        return x
+    return np.ascontiguousarray(np.moveaxis(x, 1, -1)).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("shape, channels_last, dtype", CHANGED_INPUTS)
+def test_input_changed_between_forward_and_backward_raises(rng, shape, channels_last, dtype):
+    x = _layout(rng.normal(1e3, 2.0, size=shape).astype(dtype), channels_last)
+    dy = rng.normal(size=shape).astype(dtype)
+    module = nbn.BatchNorm1d if len(shape) == 2 else nbn.BatchNorm2d
+    bn = module(shape[1], dtype=np.float32 if dtype == np.float16 else dtype)
+    bn.weight[:] = rng.normal(size=shape[1])
+    # The first value of a channel (the forward sums about it), one in the
+    # middle and the last, each changed by an ordinary amount (a quarter of
+    # the spread) and put back.
+    positions = [(0, 1) + (0,) * (len(shape) - 2), tuple(s // 2 for s in shape),
+                 tuple(s - 1 for s in shape)]
+    for index in positions:
+        bn(x)
+        before = snapshot(bn)
+        value = x[index]
+        x[index] = value + dtype(0.5)
+        with pytest.raises(RuntimeError, match="changed in place before backward"):
+            bn.backward(dy)
+        assert_unchanged(bn, before)
+        x[index] = value
+    bn(x)
+    dx = bn.backward(dy)  # unchanged: no error, the reference's gradient
+    expected = ref.backward_batch_stats(dy, x, bn.weight)
+    np.testing.assert_allclose(dx, expected[0], rtol=TOLERANCE[dtype],
+                               atol=TOLERANCE[dtype] * np.abs(expected[0]).max())
+
+
+def test_pytorch_refuses_an_input_changed_in_place_too(rng):
+    x = torch.from_numpy(rng.normal(size=(4, 3, 2, 2)).astype(np.float32))
+    leaf = torch.ones(3, requires_grad=True)
+    y = torch.nn.functional.batch_norm(x, None, None, leaf, None, training=True)
+    x.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_nothing_to_detect_with_running_statistics_or_the_functional_pair(rng):
+    x = rng.normal(size=(4, 3, 5, 5)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    bn = nbn.BatchNorm2d(3).eval()
+    bn(x)
+    x[0, 0, 0, 0] += 10  # eval-mode dx does not depend on x
+    np.testing.assert_allclose(bn.backward(dy), dy / np.sqrt(1 + 1e-5), rtol=1e-6)
+    # The functional backward takes the caller's statistics as they are.
+    mean = np.zeros(3)
+    dx, _, _ = nbn.batch_norm_backward(dy, x, None, mean, np.ones(3))
+    assert np.isfinite(dx).all()

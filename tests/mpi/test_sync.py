@@ -211,6 +211,30 @@ def test_a_bad_input_on_one_rank_raises_everywhere_without_deadlock():
     assert int(bn.num_batches_tracked) == 1
 
 
+def test_an_input_changed_in_place_on_one_rank_raises_everywhere():
+    # Shards of different means: each shard's own sums about the whole
+    # batch's mean are far from 0, and only a change may move them.
+    bn = nbn.SyncBatchNorm(3)
+    rng = np.random.default_rng(WORLD.rank)
+    x = (rng.normal(size=(5, 3, 4)) + 100.0 * WORLD.rank).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    last = WORLD.size - 1
+    for index in [(0, 0, 0), (2, 1, 3)]:
+        bn(x)
+        if WORLD.rank == last:
+            x[index] += 0.5
+            with pytest.raises(RuntimeError, match="changed in place before backward"):
+                bn.backward(dy)
+            x[index] -= 0.5
+        else:
+            with pytest.raises(RuntimeError, match=rf"rank\(s\) \[{last}\]"):
+                bn.backward(dy)
+        assert bn.grad_weight is None
+    bn(x)
+    bn.backward(dy)  # the ranks are still in step; unchanged input passes
+    assert bn.grad_weight is not None
+
+
 class _NoCommunication:
     """A communicator that fails the test if anything is sent."""
 
