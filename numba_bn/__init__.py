@@ -10,12 +10,13 @@ Numba's global configuration.
 """
 from . import megengine
 from .functional import (batch_norm, batch_norm_backward,
-                         batch_norm_forward_training)
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+                         batch_norm_forward_training, fold_batch_norm_params)
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, fold_batch_norm
 from .sync import SyncBatchNorm, convert_sync_batchnorm
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
            "convert_sync_batchnorm", "batch_norm",
-           "batch_norm_forward_training", "batch_norm_backward", "megengine"]
+           "batch_norm_forward_training", "batch_norm_backward",
+           "fold_batch_norm", "fold_batch_norm_params", "megengine"]

@@ -9,7 +9,8 @@ import numpy as np
 from . import _validation as check
 from ._dispatch import backend_for
 
-__all__ = ["batch_norm", "batch_norm_forward_training", "batch_norm_backward"]
+__all__ = ["batch_norm", "batch_norm_forward_training", "batch_norm_backward",
+           "fold_batch_norm_params"]
 
 
 def normalize(backend, x, weight, bias, eps, batch_stats, running_mean,
@@ -262,3 +263,82 @@ def _check_vectors(backend, x, **vectors):
     for name, a in vectors.items():
         check.check_vector(a, name, x.shape[1], backend.DEVICE, x.dtype)
 
+
+def fold_batch_norm_params(weight, bias, running_mean, running_var,
+                           bn_weight, bn_bias, eps=1e-5):
+    r"""Fold an eval-mode batch norm into the conv or linear layer before it.
+
+    With :math:`s = \gamma / \sqrt{\sigma^2_{run} + \epsilon}` per output
+    channel, ``weight' = weight * s`` along axis 0 and
+    ``bias' = (bias - running_mean) * s + beta``, so that the layer with
+    the folded parameters computes the batch norm of its old output in
+    eval mode (inference: one pass fewer over the activations).
+    ``torch.nn.utils.fusion.fuse_conv_bn_weights`` computes the same.
+
+    Parameters
+    ----------
+    weight : array
+        ``(C_out, ...)``: PyTorch's layout of a conv (``(C_out, C_in, kH,
+        kW)``) or linear (``(C_out, C_in)``) weight, float16, float32 or
+        float64.
+    bias : array or None
+        ``(C_out,)`` bias of the layer; None for a layer without one.
+    running_mean, running_var : array
+        ``(C_out,)`` running statistics of the batch norm.
+    bn_weight, bn_bias : array or None
+        ``(C_out,)`` :math:`\gamma, \beta`; None for ones and zeros.
+    eps : float, optional
+        The batch norm's ``eps``.
+
+    Returns
+    -------
+    weight, bias : array
+        New arrays in ``weight``'s dtype and on its device, computed in
+        float64; the bias also when ``bias`` was None.
+
+    Raises
+    ------
+    TypeError
+        Non-float weight.
+    ValueError
+        Vectors of another length than ``weight.shape[0]``, or on another
+        device.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_bn as nbn
+    >>> w = np.ones((2, 3), np.float32)            # a linear layer, 3 -> 2
+    >>> w2, b2 = nbn.fold_batch_norm_params(w, None, np.array([1.0, 2.0]),
+    ...                                     np.array([4.0, 1.0]), None, None,
+    ...                                     eps=0.0)
+    >>> w2, b2
+    (array([[0.5, 0.5, 0.5],
+           [1. , 1. , 1. ]], dtype=float32), array([-0.5, -2. ], dtype=float32))
+    """
+    backend, weight = backend_for(weight)
+    check.check_float_input(weight, "weight")
+    vectors = {"bias": bias, "running_mean": running_mean,
+               "running_var": running_var, "bn_weight": bn_weight,
+               "bn_bias": bn_bias}
+    for name, a in vectors.items():
+        if a is None and name in ("running_mean", "running_var"):
+            raise ValueError(f"{name} is required: folding uses the running "
+                             "statistics")
+        # Any dtype: the arithmetic is float64.
+        check.check_vector(a, name, weight.shape[0], backend.DEVICE,
+                           None if a is None else a.dtype)
+    host = {name: None if a is None else backend.to_host(a).astype(np.float64)
+            for name, a in vectors.items()}
+    scale = 1.0 / np.sqrt(host["running_var"] + float(eps))
+    if host["bn_weight"] is not None:
+        scale = scale * host["bn_weight"]
+    folded_bias = -host["running_mean"] * scale
+    if host["bias"] is not None:
+        folded_bias += host["bias"] * scale
+    if host["bn_bias"] is not None:
+        folded_bias += host["bn_bias"]
+    per_row = scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    folded_weight = backend.to_host(weight).astype(np.float64) * per_row
+    with np.errstate(over="ignore"):
+        return (backend.from_host(folded_weight.astype(weight.dtype)),
+                backend.from_host(folded_bias.astype(weight.dtype)))

@@ -3,9 +3,10 @@ import numpy as np
 
 from . import _validation as check
 from ._dispatch import backend_for, backend_named
-from .functional import check_gradient, check_output, gradients, normalize
+from .functional import (check_gradient, check_output, fold_batch_norm_params,
+                         gradients, normalize)
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "fold_batch_norm"]
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var",
                "num_batches_tracked")
@@ -536,3 +537,54 @@ class BatchNorm3d(_BatchNorm):
     """)
     _input_ndims = (5,)
 
+
+def fold_batch_norm(weight, bias, bn):
+    """Fold batch norm ``bn`` into the conv or linear layer before it, for
+    inference.
+
+    Returns the parameters of a layer that computes ``bn(layer(x))`` as
+    ``bn`` computes it in eval mode, from its running statistics, in one
+    layer: :func:`numba_bn.fold_batch_norm_params` with ``bn``'s buffers,
+    parameters and ``eps``. ``bn`` itself is not changed, whatever its mode.
+
+    Parameters
+    ----------
+    weight : array
+        ``(C_out, ...)`` weight of the layer, output channels on axis 0
+        (PyTorch's conv and linear layout), on ``bn``'s device.
+    bias : array or None
+        ``(C_out,)`` bias of the layer, or None.
+    bn : numba_bn.BatchNorm1d, BatchNorm2d, BatchNorm3d or SyncBatchNorm
+        With ``num_features == C_out`` and running statistics.
+
+    Returns
+    -------
+    weight, bias : array
+        In ``weight``'s dtype, computed in float64.
+
+    Raises
+    ------
+    ValueError
+        ``bn`` keeps no running statistics (``track_running_stats=False``
+        normalizes every batch with its own), or the shapes differ.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_bn as nbn
+    >>> bn = nbn.BatchNorm1d(2).eval()
+    >>> bn.running_mean[:] = [1.0, -1.0]
+    >>> w, b = nbn.fold_batch_norm(np.eye(2, dtype=np.float32), None, bn)
+    >>> x = np.array([[3.0, 5.0]], np.float32)
+    >>> np.allclose(x @ w.T + b, bn(x @ np.eye(2, dtype=np.float32).T))
+    True
+    """
+    if not isinstance(bn, _BatchNorm):
+        raise TypeError(f"expected a numba_bn batch norm, got "
+                        f"{type(bn).__name__}")
+    if bn.running_mean is None:
+        raise ValueError(
+            "cannot fold a batch norm without running statistics "
+            "(track_running_stats=False): it normalizes every batch with "
+            "that batch's own statistics")
+    return fold_batch_norm_params(weight, bias, bn.running_mean,
+                                  bn.running_var, bn.weight, bn.bias, bn.eps)
