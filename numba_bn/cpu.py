@@ -301,6 +301,10 @@ def _terms(x, dy, k, moments):
         v = np.float64(x)
         return u, u * v, v
     u, uv = _channel.partial_terms(x, dy, k, moments)
+    if moments:
+        # Adding -0.0 changes no sum, so LLVM drops the forward's third
+        # accumulator (the forward reads its statistics from the others).
+        return u, uv, -0.0
     return u, uv, np.float64(x) - k
 
 
