@@ -52,8 +52,12 @@ def partial_terms(x, dy, k, moments):
 
 
 @register_jitable
-def affine_element(x, dy, mean, scale, offset, gain, with_dy):
-    """``(x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``.
+def affine_element(x, dy, mean, scale, offset, gain, with_dy, relu):
+    """``(x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``, then
+    ``max(., 0)`` with ``relu``.
+
+    ``with_dy`` with ``gain`` 1 adds a residual. The ReLU keeps NaN, as
+    PyTorch's does (``v < 0`` is false for NaN).
 
     float64 arithmetic: ``x - mean`` must not round the mean to the input's
     precision (mean 1e4 in float32 is off by up to 5e-4). The coefficients
@@ -64,7 +68,20 @@ def affine_element(x, dy, mean, scale, offset, gain, with_dy):
     v = (np.float64(x) - mean) * scale + offset
     if with_dy:
         v += gain * np.float64(dy)
+    if relu and v < 0.0:
+        v = 0.0
     return v
+
+
+@register_jitable
+def masked_gradient(dy, y, masked):
+    """``dy`` as float64, or 0 where ``masked`` and the ReLU's output ``y``
+    is not positive: the gradient through ``relu``, PyTorch's
+    ``threshold_backward`` (0 at exactly 0; NaN in ``y`` lets ``dy``
+    through)."""
+    if masked and y <= 0:
+        return 0.0
+    return np.float64(dy)
 
 
 @register_jitable

@@ -95,15 +95,48 @@ def check_vector(a, name, num_channels, device, input_dtype):
     check_dtype_match(input_dtype, a.dtype, name)
 
 
-def check_same_as_input(dy, x):
-    """``dy`` of ``backward`` matches the forward's input (devices checked)."""
+def check_same_as_input(dy, x, name="dy"):
+    """``dy`` of ``backward`` (or another array named ``name``) matches the
+    forward's input (devices checked)."""
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(
-            f"dy has shape {tuple(dy.shape)}, expected the forward input's "
-            f"shape {tuple(x.shape)}")
+            f"{name} has shape {tuple(dy.shape)}, expected the forward "
+            f"input's shape {tuple(x.shape)}")
     if np.dtype(dy.dtype) != np.dtype(x.dtype):
         raise TypeError(
-            f"dy dtype {dy.dtype} does not match the input dtype {x.dtype}")
+            f"{name} dtype {dy.dtype} does not match the input dtype "
+            f"{x.dtype}")
+
+
+ACTIVATIONS = (None, "relu")
+
+
+def check_activation(activation):
+    """Whether ``activation`` is the ReLU; ``ValueError`` unless it is one of
+    ``ACTIVATIONS``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation must be None or 'relu', got {activation!r}")
+    return activation == "relu"
+
+
+def _memory(a):
+    """``(address, shape, strides)`` of an array of either device."""
+    face = getattr(a, "__array_interface__", None)
+    if face is None:
+        face = a.__cuda_array_interface__
+    itemsize = np.dtype(a.dtype).itemsize
+    strides = face.get("strides")
+    if strides is None:  # C-contiguous
+        strides = tuple(int(np.prod(face["shape"][i + 1:], dtype=np.int64))
+                        * itemsize for i in range(len(face["shape"])))
+    return face["data"][0], tuple(face["shape"]), tuple(strides)
+
+
+def same_elements(a, b):
+    """Whether arrays ``a`` and ``b`` are views of the same elements in the
+    same order (``out=`` may be a residual in that way only)."""
+    return a is b or _memory(a) == _memory(b)
 
 
 def check_construction(num_features, eps, momentum, track_running_stats,

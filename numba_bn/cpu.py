@@ -341,7 +341,7 @@ def _tiled(vector, width):
 
 
 @njit(inline="always")
-def _plane_sums(x4, dy4, n, c, k, moments, rows, cols):
+def _plane_sums(x4, dy4, n, c, k, moments, rows, cols, y4, g4, masked):
     """Float64 sums of ``u``, ``u * (x - k)`` and ``x - k`` over the plane
     ``(n, c)``.
 
@@ -350,14 +350,20 @@ def _plane_sums(x4, dy4, n, c, k, moments, rows, cols):
     short row (7x7 planes ran 2x slower), and LLVM vectorizes the innermost
     axis either way. Inlined into each kernel (a call per 7x7 plane ran
     2x slower), so the kernel must carry ``_REDUCTION_FLAGS``. ``rows``,
-    ``cols``: ``x4.shape[2:]``, read once by the kernel.
+    ``cols``: ``x4.shape[2:]``, read once by the kernel. With ``masked``
+    (a fused ReLU's backward) ``dy`` is ``_channel.masked_gradient`` of the
+    ReLU's output ``y4``, and is written to ``g4``.
     """
     s1 = 0.0
     s2 = 0.0
     s3 = 0.0
     for r in range(rows):
         for s in range(cols):
-            u, uv, v = _terms(x4[n, c, r, s], dy4[n, c, r, s], k, moments)
+            dy = _channel.masked_gradient(dy4[n, c, r, s], y4[n, c, r, s],
+                                          masked)
+            if masked:
+                g4[n, c, r, s] = dy
+            u, uv, v = _terms(x4[n, c, r, s], dy, k, moments)
             s1 += u
             s2 += uv
             s3 += v
@@ -365,16 +371,18 @@ def _plane_sums(x4, dy4, n, c, k, moments, rows, cols):
 
 
 @njit(inline="always")
-def _plane_element(x4, dy4, index, mean, scale, offset, gain, with_dy):
+def _plane_element(x4, dy4, index, mean, scale, offset, gain, with_dy,
+                   relu):
     """``_channel.affine_element`` at ``index`` of a plane kernel."""
     return _channel.affine_element(x4[index], dy4[index], mean, scale,
-                                   offset, gain, with_dy)
+                                   offset, gain, with_dy, relu)
 
 
 @njit(inline="always")
-def _plane_affine(x4, n, c, mean, scale, offset, dy4, gain, with_dy, out4,
-                  rows, cols, stream):
-    """``out = (x - mean) * scale + offset [+ gain * dy]`` on the plane
+def _plane_affine(x4, n, c, mean, scale, offset, dy4, gain, with_dy, relu,
+                  out4, rows, cols, stream):
+    """``out = (x - mean) * scale + offset [+ gain * dy]`` (``relu``: its
+    ReLU) on the plane
     ``(n, c)`` (``rows``, ``cols`` as in ``_plane_sums``); the whole cache
     lines of each line nontemporally when ``stream`` (a C-contiguous
     ``out4``, see ``_stream_span``)."""
@@ -383,26 +391,31 @@ def _plane_affine(x4, n, c, mean, scale, offset, dy4, gain, with_dy, out4,
                                              stream)
         for s in range(stream_from):
             out4[n, c, r, s] = _plane_element(x4, dy4, (n, c, r, s), mean,
-                                              scale, offset, gain, with_dy)
+                                              scale, offset, gain, with_dy,
+                                              relu)
         # Unsigned: Numba wraps negative indices around, and LLVM, unable
         # to rule them out from ``stream_from`` on, would gather the loads
         # (and store element by element).
         for s in range(np.uint64(stream_from), np.uint64(stream_to)):
             _store_streaming(out4, (n, c, r, s), _plane_element(
-                x4, dy4, (n, c, r, s), mean, scale, offset, gain, with_dy))
+                x4, dy4, (n, c, r, s), mean, scale, offset, gain, with_dy,
+                relu))
         for s in range(np.uint64(stream_to), np.uint64(cols)):
             out4[n, c, r, s] = _plane_element(x4, dy4, (n, c, r, s), mean,
-                                              scale, offset, gain, with_dy)
+                                              scale, offset, gain, with_dy,
+                                              relu)
 
 
 @njit(inline="always")
 def _channel_totals(x4, dy4, c, k, moments, totals, rows, cols):
-    """``totals[:, c]``: channel ``c``'s sums of ``_plane_sums``, all planes."""
+    """``totals[:, c]``: channel ``c``'s sums of ``_plane_sums`` (unmasked),
+    all planes."""
     s1 = 0.0
     s2 = 0.0
     s3 = 0.0
     for n in range(x4.shape[0]):
-        t1, t2, t3 = _plane_sums(x4, dy4, n, c, k, moments, rows, cols)
+        t1, t2, t3 = _plane_sums(x4, dy4, n, c, k, moments, rows, cols, dy4,
+                                 x4, False)
         s1 += t1
         s2 += t2
         s3 += t3
@@ -446,10 +459,11 @@ def _chunk_samples(p, per_chunk, n_samples, n_channels):
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
-def _channel_partials(x4, dy4, center, moments, psum, psumprod, psum_x):
+def _channel_partials(x4, dy4, center, moments, psum, psumprod, psum_x, y4,
+                      g4, masked):
     """``psum[n, c] = sum(u)``, ``psumprod[n, c] = sum(u * (x - center[c]))``
     and ``psum_x[n, c] = sum(x - center[c])`` for every plane (see
-    ``_plane_sums``)."""
+    ``_plane_sums``, also for ``y4``, ``g4``, ``masked``)."""
     n_samples, n_channels, rows, cols = x4.shape
     chunks, per_chunk = _plane_chunks(x4)
     for p in prange(chunks):
@@ -459,12 +473,12 @@ def _channel_partials(x4, dy4, center, moments, psum, psumprod, psum_x):
             for c in range(first_c, stop_c):
                 psum[n, c], psumprod[n, c], psum_x[n, c] = _plane_sums(
                     x4, dy4, n, c, np.float64(center[c]), moments, rows,
-                    cols)
+                    cols, y4, g4, masked)
 
 
 @njit(inline="always")
-def _plane_chunk_affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, p,
-                        per_chunk, stream):
+def _plane_chunk_affine(x4, mean, scale, offset, dy4, gain, with_dy, relu,
+                        out4, p, per_chunk, stream):
     """``_affine_pass`` on plane chunk ``p`` (see ``_plane_chunks``)."""
     n_samples, n_channels, rows, cols = x4.shape
     first_n, stop_n = _chunk_samples(p, per_chunk, n_samples, n_channels)
@@ -472,14 +486,15 @@ def _plane_chunk_affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, p,
         first_c, stop_c = _chunk_channels(n, p, per_chunk, n_channels)
         for c in range(first_c, stop_c):
             _plane_affine(x4, n, c, _coefficient(mean, c), scale[c],
-                          offset[c], dy4, gain[c], with_dy, out4, rows, cols,
-                          stream)
+                          offset[c], dy4, gain[c], with_dy, relu, out4, rows,
+                          cols, stream)
 
 
 @njit(parallel=True, cache=True, fastmath=_AFFINE_FLAGS)
-def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4, stream):
-    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``;
-    nontemporal stores when ``stream``.
+def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, relu, out4,
+                 stream):
+    """``out = (x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``,
+    its ReLU with ``relu``; nontemporal stores when ``stream``.
 
     The coefficients go to each plane as scalars (see
     ``_channel.affine_element``).
@@ -492,25 +507,28 @@ def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, out4, stream):
     if stream:
         for p in prange(chunks):
             _plane_chunk_affine(x4, mean, scale, offset, dy4, gain, with_dy,
-                                out4, p, per_chunk, True)
+                                relu, out4, p, per_chunk, True)
             _fence_streaming_stores()
     else:
         for p in prange(chunks):
             _plane_chunk_affine(x4, mean, scale, offset, dy4, gain, with_dy,
-                                out4, p, per_chunk, False)
+                                relu, out4, p, per_chunk, False)
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
 def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
                          num_batches_tracked, momentum, cumulative, save_mean,
-                         save_invstd, scale, offset, out4, stream):
+                         save_invstd, scale, offset, out4, stream, residual4,
+                         with_residual, relu):
     """Training forward, one channel per iteration: its shifted sums, its
     statistics (``_channel.finish_batch_stats``), then its normalization
     while its planes are still in the core's cache, so ``x`` comes from
     the cache or memory once.
 
     Nontemporal stores when ``stream`` (float64 outputs; float32 ones that
-    large take the two passes, see ``forward_batch_stats``). Compiled with
+    large take the two passes, see ``forward_batch_stats``). With
+    ``with_residual`` it adds ``residual4``, with ``relu`` it applies the
+    ReLU (``_channel.affine_element``). Compiled with
     ``_REDUCTION_FLAGS`` for the sums, which include the affine passes'
     ``_AFFINE_FLAGS``.
     """
@@ -527,8 +545,8 @@ def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
             save_mean, save_invstd, scale, offset)
         mean, intercept = _folded(x4, save_mean[c], scale[c], offset[c])
         for n in range(n_samples):
-            _plane_affine(x4, n, c, mean, scale[c], intercept, x4, 0.0,
-                          False, out4, rows, cols, stream)
+            _plane_affine(x4, n, c, mean, scale[c], intercept, residual4,
+                          1.0, with_residual, relu, out4, rows, cols, stream)
         if stream:
             _fence_streaming_stores()
 
@@ -555,14 +573,14 @@ def _backward_per_channel(x4, dy4, save_mean, save_invstd, weight,
         folded_mean, intercept = _folded(x4, mean, scale[c], offset[c])
         for n in range(n_samples):
             _plane_affine(x4, n, c, folded_mean, scale[c], intercept, dy4,
-                          gain[c], True, dx4, rows, cols, stream)
+                          gain[c], True, False, dx4, rows, cols, stream)
         if stream:
             _fence_streaming_stores()
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
 def _channel_partials_rows(xp, dyp, center, moments, unrolled, psum,
-                           psumprod, psum_x):
+                           psumprod, psum_x, yp, gp, masked):
     """Channel-innermost twin of ``_channel_partials``.
 
     Takes position-major views ``(N, R, S, C)``; partial row ``p`` sums the
@@ -570,7 +588,8 @@ def _channel_partials_rows(xp, dyp, center, moments, unrolled, psum,
     runs along the contiguous channel axis. With ``unrolled``, positions
     are summed ``_ROWS_UNROLL`` at a time in registers before they meet the
     per-channel accumulators, whose loads and stores otherwise bound the
-    loop; else one at a time (see ``_partials``).
+    loop; else one at a time (see ``_partials``). ``yp``, ``gp``,
+    ``masked``: as in ``_plane_sums``.
     """
     n_samples, rows, cols, n_channels = xp.shape
     positions = n_samples * rows * cols
@@ -590,6 +609,8 @@ def _channel_partials_rows(xp, dyp, center, moments, unrolled, psum,
             n, r, first, last = line_segment(j, stop, rows, cols)
             x_line = xp[n, r]
             dy_line = dyp[n, r]
+            y_line = yp[n, r]
+            g_line = gp[n, r]
             full = first
             if unrolled:
                 full += (last - first) // _ROWS_UNROLL * _ROWS_UNROLL
@@ -601,8 +622,12 @@ def _channel_partials_rows(xp, dyp, center, moments, unrolled, psum,
                     t2 = 0.0
                     t3 = 0.0
                     for q in range(_ROWS_UNROLL):
-                        u, uv, v = _terms(x_line[s + q, c],
-                                          dy_line[s + q, c], k[c], moments)
+                        dy = _channel.masked_gradient(
+                            dy_line[s + q, c], y_line[s + q, c], masked)
+                        if masked:
+                            g_line[s + q, c] = dy
+                        u, uv, v = _terms(x_line[s + q, c], dy, k[c],
+                                          moments)
                         t1 += u
                         t2 += uv
                         t3 += v
@@ -611,8 +636,11 @@ def _channel_partials_rows(xp, dyp, center, moments, unrolled, psum,
                     s3[c] += t3
             for s in range(full, last):
                 for c in range(n_channels):
-                    u, uv, v = _terms(x_line[s, c], dy_line[s, c], k[c],
-                                      moments)
+                    dy = _channel.masked_gradient(dy_line[s, c],
+                                                  y_line[s, c], masked)
+                    if masked:
+                        g_line[s, c] = dy
+                    u, uv, v = _terms(x_line[s, c], dy, k[c], moments)
                     s1[c] += u
                     s2[c] += uv
                     s3[c] += v
@@ -624,7 +652,7 @@ def _channel_partials_rows(xp, dyp, center, moments, unrolled, psum,
 
 
 @register_jitable
-def _row_element(x_row, dy_row, c, mean, scale, offset, gain, with_dy):
+def _row_element(x_row, dy_row, c, mean, scale, offset, gain, with_dy, relu):
     """``_channel.affine_element`` at channel ``c`` of a position's row.
 
     Left to LLVM to inline: inlined by Numba (``inline="always"``), its
@@ -633,12 +661,12 @@ def _row_element(x_row, dy_row, c, mean, scale, offset, gain, with_dy):
     """
     return _channel.affine_element(x_row[c], dy_row[c],
                                    _coefficient(mean, c), scale[c],
-                                   offset[c], gain[c], with_dy)
+                                   offset[c], gain[c], with_dy, relu)
 
 
 @njit(inline="always")
-def _chunk_affine(xp, mean, scale, offset, dyp, gain, with_dy, outp, p,
-                  per_chunk, stream):
+def _chunk_affine(xp, mean, scale, offset, dyp, gain, with_dy, relu, outp,
+                  p, per_chunk, stream):
     """``_affine_pass_rows`` on chunk ``p`` of positions."""
     n_samples, rows, cols, n_channels = xp.shape
     stop = min(n_samples * rows * cols, (p + 1) * per_chunk)
@@ -656,20 +684,21 @@ def _chunk_affine(xp, mean, scale, offset, dyp, gain, with_dy, outp, p,
                                                  stream)
             for c in range(stream_from):
                 out_row[c] = _row_element(x_row, dy_row, c, mean, scale,
-                                          offset, gain, with_dy)
+                                          offset, gain, with_dy, relu)
             # Unsigned, as in ``_plane_affine``.
             for c in range(np.uint64(stream_from), np.uint64(stream_to)):
                 _store_streaming(out_row, c, _row_element(
-                    x_row, dy_row, c, mean, scale, offset, gain, with_dy))
+                    x_row, dy_row, c, mean, scale, offset, gain, with_dy,
+                    relu))
             for c in range(np.uint64(stream_to), np.uint64(n_channels)):
                 out_row[c] = _row_element(x_row, dy_row, c, mean, scale,
-                                          offset, gain, with_dy)
+                                          offset, gain, with_dy, relu)
         j += last - first
 
 
 @njit(parallel=True, cache=True, fastmath=_AFFINE_FLAGS)
-def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, with_dy, outp,
-                      chunks, stream):
+def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, with_dy, relu,
+                      outp, chunks, stream):
     """Channel-innermost twin of ``_affine_pass`` on position-major views,
     ``chunks`` chunks of positions (``stream``: see ``_plane_affine``)."""
     n_samples, rows, cols, n_channels = xp.shape
@@ -680,13 +709,13 @@ def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, with_dy, outp,
     # One loop per kind of store, as in ``_affine_pass``.
     if stream:
         for p in prange(chunks):
-            _chunk_affine(xp, mean, scale, offset, dyp, gain, with_dy, outp,
-                          p, per_chunk, True)
+            _chunk_affine(xp, mean, scale, offset, dyp, gain, with_dy, relu,
+                          outp, p, per_chunk, True)
             _fence_streaming_stores()
     else:
         for p in prange(chunks):
-            _chunk_affine(xp, mean, scale, offset, dyp, gain, with_dy, outp,
-                          p, per_chunk, False)
+            _chunk_affine(xp, mean, scale, offset, dyp, gain, with_dy, relu,
+                          outp, p, per_chunk, False)
 
 
 @register_jitable
@@ -895,19 +924,24 @@ def _row_chunks(xp):
                       -(-positions * width // _ROWS_CHUNK_ELEMENTS)))
 
 
-def _partials(x4, dy4, center, moments, rows_layout):
+def _partials(x4, dy4, center, moments, rows_layout, y4=None, g4=None):
     """Partial sums of every channel as three ``(P, C)`` float64 arrays (see
     ``_plane_sums``).
 
     Per plane (P = N) when a channel's values are contiguous, per chunk of
     positions (and position in a row group) when the channel axis is
     (``rows_layout``; ``x4``, ``dy4`` are then position-major, see
-    ``_views``).
+    ``_views``). With ``y4`` (a fused ReLU's output) the sums are of the
+    gradient through the ReLU, which goes to ``g4``.
     """
     n_channels = center.shape[0]
+    masked = y4 is not None
+    if not masked:
+        y4, g4 = dy4, _unwritten(dy4)
     if not rows_layout:
         psums = _empties(3, (x4.shape[0], n_channels))
-        _launch(_channel_partials, x4, dy4, center, moments, *psums)
+        _launch(_channel_partials, x4, dy4, center, moments, *psums, y4, g4,
+                masked)
         return psums
     psums = _empties(3, (_row_chunks(x4), x4.shape[3]))
     # Unrolled only for inputs in the cache, or float64 sums of x: from
@@ -921,10 +955,48 @@ def _partials(x4, dy4, center, moments, rows_layout):
     else:
         unrolled = 2 * x4.nbytes < _UNROLLED_GRADIENT_SUMS_BYTES
     _launch(_channel_partials_rows, x4, dy4, center, moments, unrolled,
-            *psums)
+            *psums, y4, g4, masked)
     # (chunks, positions per row * C) is (chunks * positions per row, C):
     # one partial row each.
     return [a.reshape(-1, n_channels) for a in psums]
+
+
+def _unwritten(a):
+    """A stand-in for an output the kernels do not write: one element seen
+    at every index of ``a``'s shape (zero strides), of one Numba type for
+    every call (made once per shape, as making it costs a small call 5 us).
+    """
+    key = (a.dtype, a.shape)
+    stand_in = _UNWRITTEN.get(key)
+    if stand_in is None:
+        if len(_UNWRITTEN) >= _VIEW_PLANS_KEPT:
+            _UNWRITTEN.clear()
+        stand_in = _UNWRITTEN[key] = np.lib.stride_tricks.as_strided(
+            np.empty(1, a.dtype), a.shape, (0,) * a.ndim)
+    return stand_in
+
+
+_UNWRITTEN = {}
+
+
+def _residual_views(x, residual, out):
+    """``_views`` of a forward: ``(y, x4, residual4, y4, rows_layout)``,
+    ``residual4`` standing in as ``x4`` without a residual."""
+    if residual is None:
+        y, (x4, y4), rows_layout = _views([x], out)
+        return y, x4, x4, y4, rows_layout
+    y, (x4, residual4, y4), rows_layout = _views(
+        [x, *_computable(residual)], out)
+    return y, x4, residual4, y4, rows_layout
+
+
+def _add_residual(x4, mean, scale, offset, residual4, y4, rows_layout,
+                  with_residual, relu):
+    """``y4 = relu((x4 - mean) * scale + offset + residual4)``, each step
+    where asked: ``_affine`` with a gain of 1 on the residual."""
+    gain = np.ones(mean.shape[0]) if with_residual else scale  # unread
+    _affine(x4, mean, scale, offset, residual4, gain, with_residual, y4,
+            rows_layout, relu)
 
 
 def _streams(out, arrays):
@@ -938,16 +1010,17 @@ def _streams(out, arrays):
             and out.shape[-1] * out.itemsize >= _STREAM_MIN_LINE)
 
 
-def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, rows_layout):
-    """``out4 = (x4 - mean) * scale + offset [+ gain * dy4]`` on the views
-    of ``_views``."""
+def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, rows_layout,
+            relu=False):
+    """``out4 = (x4 - mean) * scale + offset [+ gain * dy4]``, its ReLU with
+    ``relu``, on the views of ``_views``."""
     stream = _streams(out4, 3 if with_dy else 2)
     if rows_layout:
         _launch(_affine_pass_rows, x4, mean, scale, offset, dy4, gain,
-                with_dy, out4, _row_chunks(x4), stream)
+                with_dy, relu, out4, _row_chunks(x4), stream)
     else:
         _launch(_affine_pass, x4, mean, scale, offset, dy4, gain, with_dy,
-                out4, stream)
+                relu, out4, stream)
 
 
 # --------------------------------------------------------------------------
@@ -1206,7 +1279,7 @@ def message_buffer(a):
 
 def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
                         num_batches_tracked, momentum, cumulative, out=None,
-                        moments=None):
+                        moments=None, residual=None, relu=False):
     """Normalize ``x`` with its batch statistics; update the running ones.
 
     Parameters
@@ -1233,6 +1306,11 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
         value count, ``(C,)`` float64 shifts and the ``(2, 1, C)`` float64
         sums of ``x - shift`` and its square; then ``x``'s own are not
         computed.
+    residual : numpy.ndarray, optional
+        Validated array like ``x`` added to the normalized values (``out``
+        may be ``residual`` itself).
+    relu : bool, optional
+        Apply the ReLU last: ``y = relu(bn(x) + residual)``.
 
     Returns
     -------
@@ -1241,7 +1319,8 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     """
     x_compute, weight, bias, rm, rv = _computable_like(
         x, weight, bias, running_mean, running_var)
-    y, (x4, y4), rows_layout = _views([x_compute], out)
+    y, x4, residual4, y4, rows_layout = _residual_views(x_compute, residual,
+                                                        out)
     n_channels = x.shape[1]
     save_mean, save_invstd, scale, offset = _empties(4, n_channels)
     counter = (None if num_batches_tracked is None
@@ -1255,7 +1334,8 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
             and _per_channel(x4, 1, rows_layout)):
         _launch(_forward_per_channel, x4, weight, bias, eps, rm, rv, counter,
                 momentum, cumulative, save_mean, save_invstd, scale, offset,
-                y4, _streams(y4, 2))
+                y4, _streams(y4, 2 if residual is None else 3), residual4,
+                residual is not None, relu)
     else:
         if moments is None:
             # Sums of x - shift with a sample of each channel as its
@@ -1270,8 +1350,8 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
         _finish_batch_stats(shift, psum, psumsq, count, weight, bias, eps,
                             rm, rv, counter, momentum, cumulative, save_mean,
                             save_invstd, scale, offset)
-        _affine(x4, save_mean, scale, offset, x4, scale, False, y4,
-                rows_layout)
+        _add_residual(x4, save_mean, scale, offset, residual4, y4,
+                      rows_layout, residual is not None, relu)
     if running_mean is not None:
         _write_back(running_mean, rm)
         _write_back(running_var, rv)
@@ -1281,8 +1361,9 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
 
 
 def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
-                          out=None):
-    """Normalize ``x`` with the running statistics (eval mode, frozen).
+                          out=None, residual=None, relu=False):
+    """Normalize ``x`` with the running statistics (eval mode, frozen);
+    ``residual``, ``relu`` as in :func:`forward_batch_stats`.
 
     Returns
     -------
@@ -1292,16 +1373,18 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
     """
     x_compute, running_mean, running_var, weight, bias = _computable_like(
         x, running_mean, running_var, weight, bias)
-    y, (x4, y4), rows_layout = _views([x_compute], out)
+    y, x4, residual4, y4, rows_layout = _residual_views(x_compute, residual,
+                                                        out)
     save_mean, save_invstd, scale, offset = _empties(4, x.shape[1])
     _finish_running_stats(running_mean, running_var, weight, bias, eps,
                           save_mean, save_invstd, scale, offset)
-    _affine(x4, save_mean, scale, offset, x4, scale, False, y4, rows_layout)
+    _add_residual(x4, save_mean, scale, offset, residual4, y4, rows_layout,
+                  residual is not None, relu)
     return _deliver(y, x.dtype, out), save_mean, save_invstd
 
 
 def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
-             out=None, sums=None, x_check=None):
+             out=None, sums=None, x_check=None, y=None):
     """Gradients of a forward that normalized with ``save_mean``/``save_invstd``.
 
     Parameters
@@ -1331,11 +1414,19 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
         without ``sums`` to check that ``x`` is unchanged; None checks
         nothing (the functional form, whose caller may pass any
         statistics).
+    y : numpy.ndarray, optional
+        The output of a forward with a fused ReLU: ``dy`` is the gradient
+        of ``y`` and goes through the ReLU first. Not with ``sums``
+        (:func:`write_message` takes ``y`` there).
 
     Returns
     -------
     dx : numpy.ndarray
     grad_weight, grad_bias : numpy.ndarray or None
+    grad_output : numpy.ndarray
+        The gradient at the batch norm's output, which a residual added
+        there also gets: ``dy`` through the ReLU (a new array like ``x``,
+        written by the pass that sums it), or ``dy`` itself without ``y``.
 
     Raises
     ------
@@ -1344,11 +1435,23 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
         was changed since the forward.
     """
     x_compute, dy_compute, weight = _computable_like(x, dy, weight)
-    dx, (x4, dy4, dx4), rows_layout = _views([x_compute, dy_compute], out)
     n_channels = x.shape[1]
     # Statistics are not validated against x's dtype.
     save_mean, save_invstd = _computable(save_mean, save_invstd)
     count = x.size // n_channels
+    grad_output = dy
+    if y is not None:
+        # The pass that sums the gradient through the ReLU also writes it,
+        # and dx is then computed from it: 4 tensor reads and 2 writes.
+        grad_output, (x4, dy4, y4, g4), rows_layout = _views(
+            [x_compute, dy_compute, *_computable_like(x, y)[1:]], None)
+        psums = _partials(x4, dy4, save_mean, False, rows_layout, y4, g4)
+        if batch_stats:
+            _check_unchanged(x_check, psums[2], x4, rows_layout, count,
+                             save_mean, save_invstd)
+        sums = (count, psums[:2], None, 0)
+        dy_compute = grad_output
+    dx, (x4, dy4, dx4), rows_layout = _views([x_compute, dy_compute], out)
     grad_weight = grad_bias = None
     if grad_dtype is not None:
         grad_weight, grad_bias = _empties(2, n_channels,
@@ -1398,11 +1501,12 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     if grad_dtype is not None:
         grad_weight = _to_dtype(grad_weight, grad_dtype)
         grad_bias = _to_dtype(grad_bias, grad_dtype)
-    return _deliver(dx, dy.dtype, out), grad_weight, grad_bias
+    return (_deliver(dx, dy.dtype, out), grad_weight, grad_bias,
+            _to_dtype(grad_output, dy.dtype))
 
 
 def write_message(gathered, rank, x, dy, center, moments, x_check=None,
-                  save_invstd=None):
+                  save_invstd=None, y=None):
     """This rank's SyncBatchNorm message, into row ``rank`` of ``gathered``.
 
     ``[1, count, *shift, *s1, *s2]`` with ``moments``: the shift is a sample
@@ -1425,15 +1529,30 @@ def write_message(gathered, rank, x, dy, center, moments, x_check=None,
         Backward only: ``(C,)`` float64 sums of this shard's
         ``x - center`` at the forward, and the forward's ``save_invstd``,
         to check that ``x`` is unchanged, as in :func:`backward`.
+    y : numpy.ndarray, optional
+        Backward only: a fused ReLU's output, as in :func:`backward`.
+
+    Returns
+    -------
+    numpy.ndarray
+        Backward: the gradient at the batch norm's output (``grad_output``
+        of :func:`backward`), for the backward's ``dy``.
 
     Raises
     ------
     RuntimeError
         ``x`` was changed since the forward (see :func:`backward`).
     """
+    original_dy = dy
     x, dy = _computable_like(x, dy)
-    # x is its own target here: the views are read, nothing is written.
-    _, (x4, dy4, _), rows_layout = _views([x, dy], x)
+    y4 = g4 = None
+    if y is None:
+        # x is its own target here: the views are read, nothing is written.
+        _, (x4, dy4, _), rows_layout = _views([x, dy], x)
+        grad_output = original_dy
+    else:
+        grad_output, (x4, dy4, y4, g4), rows_layout = _views(
+            [x, dy, *_computable_like(x, y)[1:]], None)
     n_channels = x.shape[1]
     row = gathered[rank]
     count = x.size // n_channels
@@ -1441,12 +1560,14 @@ def write_message(gathered, rank, x, dy, center, moments, x_check=None,
     if moments:
         center = row[2:2 + n_channels]
         center[:] = _first_sample(x4, n_channels, rows_layout)
-    psum, psumprod, psum_x = _partials(x4, dy4, center, moments, rows_layout)
+    psum, psumprod, psum_x = _partials(x4, dy4, center, moments, rows_layout,
+                                       y4, g4)
     if not moments:
         _check_unchanged(x_check, psum_x, x4, rows_layout, count, center,
                          save_invstd)
     _merge_partials(psum, psumprod, row[-2 * n_channels:-n_channels],
                     row[-n_channels:])
+    return _to_dtype(grad_output, original_dy.dtype)
 
 
 def merge_ranks(gathered, moments):

@@ -15,13 +15,15 @@ __all__ = ["batch_norm", "batch_norm_forward_training", "batch_norm_backward",
 
 def normalize(backend, x, weight, bias, eps, batch_stats, running_mean,
               running_var, num_batches_tracked=None, momentum=0.0,
-              cumulative=False, out=None, moments=None):
+              cumulative=False, out=None, moments=None, residual=None,
+              relu=False):
     """Validated forward: batch or running statistics, on ``backend``.
 
     Running buffers given with ``batch_stats`` are updated; without
     ``batch_stats`` they normalize. An empty batch returns an empty output
     and changes nothing, unless it is part of a larger one whose
-    ``moments`` are given (``cpu.forward_batch_stats``).
+    ``moments`` are given (``cpu.forward_batch_stats``). ``residual`` and
+    ``relu``: the fused add and ReLU after the normalization.
 
     Returns
     -------
@@ -35,28 +37,35 @@ def normalize(backend, x, weight, bias, eps, batch_stats, running_mean,
         return backend.forward_batch_stats(
             x, weight, bias, float(eps), running_mean, running_var,
             num_batches_tracked, float(momentum), bool(cumulative), out,
-            moments)
+            moments, residual, relu)
     return backend.forward_running_stats(x, weight, bias, float(eps),
-                                         running_mean, running_var, out)
+                                         running_mean, running_var, out,
+                                         residual, relu)
 
 
 def gradients(backend, dy, x, weight, save_mean, save_invstd, batch_stats,
-              grad_dtype, out=None, sums=None, x_check=None):
+              grad_dtype, out=None, sums=None, x_check=None, y=None):
     """Validated backward on ``backend``; see ``cpu.backward``.
 
     For an empty batch ``dx`` is empty and the parameter gradients are zeros.
+
+    Returns
+    -------
+    dx, grad_weight, grad_bias, grad_output
     """
     if x.size == 0:
         grads = (None, None) if grad_dtype is None else tuple(
             backend.from_host(np.zeros(x.shape[1], grad_dtype))
             for _ in range(2))
-        return (backend.empty_like(x) if out is None else out,) + grads
+        return (backend.empty_like(x) if out is None else out,) + grads + (
+            dy,)
     return backend.backward(dy, x, weight, save_mean, save_invstd,
-                            batch_stats, grad_dtype, out, sums, x_check)
+                            batch_stats, grad_dtype, out, sums, x_check, y)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None,
-               training=False, momentum=0.1, eps=1e-5, *, out=None):
+               training=False, momentum=0.1, eps=1e-5, *, out=None,
+               activation=None, residual=None):
     r"""Batch normalization, as ``torch.nn.functional.batch_norm``.
 
     .. math:: y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \gamma + \beta
@@ -85,7 +94,14 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None,
         Added to the variance before the square root.
     out : array, optional
         Keyword only. Array of ``x``'s shape, dtype and device to write
-        ``y`` into (no allocation per call); must not overlap ``x``.
+        ``y`` into (no allocation per call); must not overlap ``x``; may be
+        ``residual`` itself.
+    activation : {None, "relu"}, optional
+        Keyword only. Applied last, in the same pass.
+    residual : array, optional
+        Keyword only. Added before the activation, in the same pass:
+        ``y = relu(bn(x) + residual)``; ``x``'s shape, dtype and device,
+        any layout.
 
     Returns
     -------
@@ -125,13 +141,17 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None,
                    running_var=running_var, weight=weight, bias=bias)
     if training:
         check.check_values_per_channel(x)
-    out = check_output(out, x, [x], backend)
+    relu = check.check_activation(activation)
+    residual = check_residual(residual, x, backend)
+    out = check_output(out, x, [x], backend, residual)
     y, _, _ = normalize(backend, x, weight, bias, eps, training, running_mean,
-                        running_var, None, momentum, out=out)
+                        running_var, None, momentum, out=out,
+                        residual=residual, relu=relu)
     return y
 
 
-def batch_norm_forward_training(x, weight, bias, eps=1e-5, *, out=None):
+def batch_norm_forward_training(x, weight, bias, eps=1e-5, *, out=None,
+                                activation=None, residual=None):
     """Training forward that returns what the backward needs.
 
     Parameters
@@ -143,6 +163,9 @@ def batch_norm_forward_training(x, weight, bias, eps=1e-5, *, out=None):
     eps : float, optional
     out : array, optional
         Keyword only. Where to write ``y``, as in :func:`batch_norm`.
+    activation, residual : optional
+        Keyword only. As in :func:`batch_norm`; pass the same to
+        :func:`batch_norm_backward` (with ``y``).
 
     Returns
     -------
@@ -170,11 +193,15 @@ def batch_norm_forward_training(x, weight, bias, eps=1e-5, *, out=None):
     check.check_float_input(x)
     _check_vectors(backend, x, weight=weight, bias=bias)
     check.check_values_per_channel(x)
-    out = check_output(out, x, [x], backend)
-    return normalize(backend, x, weight, bias, eps, True, None, None, out=out)
+    relu = check.check_activation(activation)
+    residual = check_residual(residual, x, backend)
+    out = check_output(out, x, [x], backend, residual)
+    return normalize(backend, x, weight, bias, eps, True, None, None, out=out,
+                     residual=residual, relu=relu)
 
 
-def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, out=None):
+def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, out=None,
+                        activation=None, y=None, residual=False):
     r"""Gradients of :func:`batch_norm_forward_training`.
 
     With :math:`\hat x = (x - \mu) \cdot invstd` and :math:`n` values per
@@ -198,19 +225,31 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, out=None):
     save_mean, save_invstd : array
         ``(C,)`` statistics returned by the forward.
     out : array, optional
-        Keyword only. Where to write ``dx``; must not overlap ``dy`` or
-        ``x``.
+        Keyword only. Where to write ``dx``; must not overlap ``dy``, ``x``
+        or ``y``.
+    activation : {None, "relu"}, optional
+        Keyword only. The forward's activation: ``dy`` is then the gradient
+        of its output ``y`` and goes through the ReLU first (0 where ``y``
+        is 0, as in PyTorch).
+    y : array, optional
+        Keyword only. The forward's output; required with ``activation``.
+    residual : bool, optional
+        Keyword only. Whether the forward added a residual: its gradient
+        is returned too.
 
     Returns
     -------
     dx : array
     dweight, dbias : array or None
         In ``weight``'s dtype; None when ``weight`` is None.
+    d_residual : array
+        Only with ``residual=True``: the gradient at the residual, ``dy``
+        through the activation (``dy`` itself without one).
 
     Raises
     ------
     TypeError, ValueError
-        Mismatched shapes, dtypes or devices.
+        Mismatched shapes, dtypes or devices; ``activation`` without ``y``.
 
     Examples
     --------
@@ -233,28 +272,53 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, out=None):
             raise ValueError(f"{name} must have shape ({x.shape[1]},), got "
                              f"{tuple(a.shape)}")
     _check_vectors(backend, x, weight=weight)
-    out = check_output(out, dy, [dy, x], backend)
+    if check.check_activation(activation):
+        if y is None:
+            raise ValueError(
+                f"activation={activation!r} needs y=, the forward's output "
+                "(the ReLU's gradient is 0 where it is 0)")
+        y = check_gradient(y, x, backend, "y")
+    else:
+        y = None
+    out = check_output(out, dy, [dy, x] + ([] if y is None else [y]),
+                       backend)
     grad_dtype = None if weight is None else weight.dtype
-    return gradients(backend, dy, x, weight, save_mean, save_invstd, True,
-                     grad_dtype, out)
+    dx, dweight, dbias, d_residual = gradients(
+        backend, dy, x, weight, save_mean, save_invstd, True, grad_dtype, out,
+        y=y)
+    if residual:
+        return dx, dweight, dbias, d_residual
+    return dx, dweight, dbias
 
 
-def check_gradient(dy, x, backend):
-    """``dy`` as ``backend`` reads it, checked against the forward input ``x``."""
-    check.check_device(dy, backend.DEVICE, "dy")
+def check_gradient(dy, x, backend, name="dy"):
+    """``dy`` (or another array named ``name``) as ``backend`` reads it,
+    checked against the forward input ``x``."""
+    check.check_device(dy, backend.DEVICE, name)
     dy = backend_for(dy)[1]
-    check.check_same_as_input(dy, x)
+    check.check_same_as_input(dy, x, name)
     return dy
 
 
-def check_output(out, like, inputs, backend):
-    """``out=`` as ``backend`` reads it, checked against ``like`` (None passes)."""
+def check_residual(residual, x, backend):
+    """A fused forward's ``residual`` as ``backend`` reads it (None passes)."""
+    if residual is None:
+        return None
+    return check_gradient(residual, x, backend, "residual")
+
+
+def check_output(out, like, inputs, backend, residual=None):
+    """``out=`` as ``backend`` reads it, checked against ``like`` (None
+    passes): it overlaps none of ``inputs``, and ``residual`` only as that
+    very array, element for element."""
     if out is None:
         return None
     # Read as the backend reads it before its dtype is compared: a PyTorch
     # CUDA tensor's dtype is no NumPy dtype.
     check.check_device(out, backend.DEVICE, "out")
     out = backend_for(out)[1]
+    if residual is not None and not check.same_elements(out, residual):
+        inputs = [*inputs, residual]
     check.check_out(out, like, inputs, backend)
     return out
 

@@ -15,13 +15,13 @@ class _MegEngineMomentum:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True,
                  track_running_stats=True, freeze=False, *, device="cpu",
-                 dtype="float32"):
+                 dtype="float32", activation=None):
         if momentum is None:
             raise ValueError("momentum must be a float in [0, 1] (MegEngine "
                              "has no cumulative average)")
         super().__init__(num_features, eps, momentum, affine,
                          track_running_stats, freeze=freeze, device=device,
-                         dtype=dtype)
+                         dtype=dtype, activation=activation)
 
     def _running_average(self):
         return 1.0 - self.momentum, False
@@ -37,8 +37,8 @@ _DOC = """:class:`numba_bn.{name}` with MegEngine's arguments.
         Weight of the old running value: ``running = momentum * running +
         (1 - momentum) * batch`` (0.9 here equals PyTorch's 0.1).
     affine, track_running_stats, freeze : bool, optional
-    device, dtype : optional
-        As :class:`numba_bn.{name}`.
+    device, dtype, activation : optional
+        Keyword only. As :class:`numba_bn.{name}`.
 
     Raises
     ------

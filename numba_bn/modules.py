@@ -3,8 +3,8 @@ import numpy as np
 
 from . import _validation as check
 from ._dispatch import backend_for, backend_named
-from .functional import (check_gradient, check_output, fold_batch_norm_params,
-                         gradients, normalize)
+from .functional import (check_gradient, check_output, check_residual,
+                         fold_batch_norm_params, gradients, normalize)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "fold_batch_norm"]
 
@@ -51,6 +51,10 @@ class _BatchNorm:
         Where the parameters and buffers live.
     dtype : str or numpy.dtype, optional
         dtype of the parameters and buffers: float16, float32 or float64.
+    activation : {None, "relu"}, optional
+        Keyword only. Applied to the output in the same pass (and its
+        gradient in the backward's); not state (``state_dict`` leaves it
+        out).
 
     Attributes
     ----------
@@ -79,9 +83,11 @@ class _BatchNorm:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *, bias=True, freeze=False,
-                 device="cpu", dtype="float32"):
+                 device="cpu", dtype="float32", activation=None):
         self.dtype = check.check_construction(
             num_features, eps, momentum, track_running_stats, freeze, dtype)
+        check.check_activation(activation)
+        self.activation = activation
         self._backend = backend_named(device)
         self.num_features = int(num_features)
         self.eps = float(eps)
@@ -131,11 +137,13 @@ class _BatchNorm:
     # ------------------------------------------------------------------
     # forward and backward
 
-    def __call__(self, x, *, out=None):
-        return self.forward(x, out=out)
+    def __call__(self, x, *, residual=None, out=None):
+        return self.forward(x, residual=residual, out=out)
 
-    def forward(self, x, *, out=None):
-        """Normalize ``x``.
+    def forward(self, x, *, residual=None, out=None):
+        """Normalize ``x``, then add ``residual`` and apply the module's
+        ``activation``, each where given, in the same pass:
+        ``activation(BN(x) + residual)``.
 
         Training mode (and not frozen), or without running statistics: batch
         mean and biased variance normalize; in training mode the running
@@ -148,10 +156,15 @@ class _BatchNorm:
         x : array
             Input of this module's rank, ``C = num_features``; a NumPy array
             on a CPU module, a CuPy or other CUDA array on a CUDA module.
+        residual : array, optional
+            Keyword only. Added to the normalized ``x`` before the
+            activation; ``x``'s shape, dtype and device, any layout. Then
+            :meth:`backward` returns its gradient too.
         out : array, optional
             Keyword only. Array of ``x``'s shape, dtype and device to write
             the output into, so that training loops allocate nothing per
-            call; must not overlap ``x``.
+            call; must not overlap ``x``; may be ``residual`` itself (a
+            residual block writing the sum in place).
 
         Returns
         -------
@@ -183,21 +196,24 @@ class _BatchNorm:
         self._check_input(x, backend)
         if self._uses_batch_stats():
             check.check_values_per_channel(x)
-        out = check_output(out, x, [x], backend)
-        return self._normalize(backend, x, out)
+        residual = check_residual(residual, x, backend)
+        out = check_output(out, x, [x], backend, residual)
+        return self._normalize(backend, x, out, residual=residual)
 
     def _uses_batch_stats(self):
         """Whether a forward now normalizes with the batch's statistics."""
         return ((self.training and not self.freeze)
                 or not self.track_running_stats)
 
-    def _normalize(self, backend, x, out, moments=None, x_check=None):
+    def _normalize(self, backend, x, out, moments=None, x_check=None,
+                   residual=None):
         """The validated forward; saves what :meth:`backward` needs.
 
         ``moments``: the statistics of a larger batch ``x`` belongs to
         (``cpu.forward_batch_stats``), and ``x_check`` then ``x``'s own
         sums of ``x - mean`` (``cpu.backward``); without ``moments`` they
-        are zeros, as ``mean`` is ``x``'s own.
+        are zeros, as ``mean`` is ``x``'s own. ``residual``: added before
+        the activation.
         """
         batch_stats = self._uses_batch_stats()
         update = batch_stats and self.track_running_stats
@@ -207,10 +223,14 @@ class _BatchNorm:
             self.running_mean if update or not batch_stats else None,
             self.running_var if update or not batch_stats else None,
             self.num_batches_tracked if update else None, momentum,
-            cumulative, out, moments)
+            cumulative, out, moments, residual, self.activation == "relu")
         if batch_stats and moments is None:
             x_check = np.zeros(self.num_features)
-        self._saved = (x, save_mean, save_invstd, batch_stats, x_check)
+        # The ReLU's backward reads its output: overwriting y (or x) before
+        # backward is the caller's error, as in PyTorch.
+        self._saved = (x, save_mean, save_invstd, batch_stats, x_check,
+                       y if self.activation == "relu" else None,
+                       residual is not None)
         return y
 
     def backward(self, dy, *, out=None):
@@ -233,7 +253,13 @@ class _BatchNorm:
         array
             ``dx``. After a forward with batch statistics this is the full
             gradient through the mean and variance; after one with running
-            statistics ``dx = dy * weight / sqrt(running_var + eps)``.
+            statistics ``dx = dy * weight / sqrt(running_var + eps)``. With
+            an activation ``dy`` first goes through it (0 where the output
+            is 0, as PyTorch's ReLU).
+        tuple of array
+            ``(dx, d_residual)`` instead when the forward took a
+            ``residual``: ``d_residual`` is ``dy`` through the activation,
+            or ``dy`` itself without one.
 
         Raises
         ------
@@ -256,17 +282,19 @@ class _BatchNorm:
         """
         if self._saved is None:
             raise RuntimeError("backward() called before any forward()")
-        x, save_mean, save_invstd, batch_stats, x_check = self._saved
+        x, save_mean, save_invstd, batch_stats, x_check, y, residual = (
+            self._saved)
         dy = check_gradient(dy, x, self._backend)
-        out = check_output(out, dy, [dy, x], self._backend)
+        out = check_output(out, dy, [dy, x] + ([] if y is None else [y]),
+                           self._backend)
         wants_grads = self.weight is not None and not self.freeze
-        dx, grad_weight, grad_bias = gradients(
+        dx, grad_weight, grad_bias, d_residual = gradients(
             self._backend, dy, x, self.weight, save_mean, save_invstd,
             batch_stats, self.dtype if wants_grads else None, out,
-            x_check=x_check)
+            x_check=x_check, y=y)
         self.grad_weight = grad_weight
         self.grad_bias = grad_bias if self.bias is not None else None
-        return dx
+        return (dx, d_residual) if residual else dx
 
     def _check_input(self, x, backend):
         check.check_float_input(x, ndims=self._input_ndims)
@@ -493,6 +521,8 @@ class _BatchNorm:
                 f", affine={self.affine}, bias={self.bias is not None}, "
                 f"track_running_stats={self.track_running_stats}"
                 + (", freeze=True" if self.freeze else "")
+                + (f", activation={self.activation!r}" if self.activation
+                   else "")
                 + f", dtype={self.dtype}, device={self.device!r}")
 
     def __repr__(self):

@@ -16,7 +16,8 @@ import numpy as np
 
 from . import cpu
 from ._dispatch import backend_for, backend_named
-from .functional import check_gradient, check_output, gradients
+from .functional import (check_gradient, check_output, check_residual,
+                         gradients)
 from .modules import _BatchNorm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -94,7 +95,7 @@ class SyncBatchNorm(_BatchNorm):
         Keyword only. The ranks that share statistics (``MPI.COMM_WORLD``
         when None); a sub-communicator (``comm.Split``) shares them within
         itself only.
-    bias, freeze, device, dtype : optional
+    bias, freeze, device, dtype, activation : optional
         Keyword only. As :class:`numba_bn.BatchNorm2d`.
 
     Attributes
@@ -127,25 +128,27 @@ class SyncBatchNorm(_BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *, comm=None, bias=True,
-                 freeze=False, device="cpu", dtype="float32"):
+                 freeze=False, device="cpu", dtype="float32",
+                 activation=None):
         mpi = _mpi()
         super().__init__(num_features, eps, momentum, affine,
                          track_running_stats, bias=bias, freeze=freeze,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, activation=activation)
         self.comm = mpi.COMM_WORLD if comm is None else comm
         # Whether the collectives take GPU buffers; None until the first
         # exchange (_agree_on_channels).
         self._gpu_buffers = None
 
-    def forward(self, x, *, out=None):
-        """Normalize ``x``, this rank's shard of the batch.
+    def forward(self, x, *, residual=None, out=None):
+        """Normalize ``x``, this rank's shard of the batch (then ``residual``
+        and the activation, as :meth:`numba_bn.BatchNorm2d.forward`).
 
         Parameters
         ----------
         x : array
             ``(N, C, *spatial)`` with 0 to 3 spatial axes; ``N`` may differ
             between ranks and may be 0.
-        out : array, optional
+        residual, out : array, optional
             Keyword only, as :meth:`numba_bn.BatchNorm2d.forward`.
 
         Returns
@@ -163,12 +166,13 @@ class SyncBatchNorm(_BatchNorm):
             Another rank's input was invalid.
         """
         if not self._uses_batch_stats():
-            return super().forward(x, out=out)
+            return super().forward(x, residual=residual, out=out)
         backend, gathered = self._exchange_buffer(3)
         try:
             input_backend, x = backend_for(x)
             self._check_input(x, input_backend)
-            out = check_output(out, x, [x], backend)
+            residual = check_residual(residual, x, backend)
+            out = check_output(out, x, [x], backend, residual)
             self._write_sums(backend, gathered, x, x, None)
         except Exception:
             self._exchange(backend, gathered, False, True)
@@ -180,10 +184,11 @@ class SyncBatchNorm(_BatchNorm):
                 "Expected more than 1 value per channel when training, got 1 "
                 "in the batches of all ranks together")
         if count == 0:  # every shard empty: nothing changes, as in BatchNorm
-            return self._normalize(backend, x, out)
+            return self._normalize(backend, x, out, residual=residual)
         return self._normalize(backend, x, out,
                                moments=(count, mean, partials),
-                               x_check=self._own_sums(backend, gathered, mean))
+                               x_check=self._own_sums(backend, gathered, mean),
+                               residual=residual)
 
     def backward(self, dy, *, out=None):
         """This rank's slice of the whole batch's input gradient.
@@ -199,8 +204,9 @@ class SyncBatchNorm(_BatchNorm):
 
         Returns
         -------
-        array
-            ``dx`` for this rank's shard.
+        array or tuple of array
+            ``dx`` for this rank's shard; ``(dx, d_residual)`` after a
+            forward with a ``residual``.
 
         Raises
         ------
@@ -213,7 +219,8 @@ class SyncBatchNorm(_BatchNorm):
         """
         if self._saved is None:
             raise RuntimeError("backward() called before any forward()")
-        x, save_mean, save_invstd, batch_stats, x_check = self._saved
+        x, save_mean, save_invstd, batch_stats, x_check, y, residual = (
+            self._saved)
         if not batch_stats or save_mean is None:
             # Constant statistics, or a batch empty on every rank: nothing
             # to share.
@@ -221,9 +228,12 @@ class SyncBatchNorm(_BatchNorm):
         backend, gathered = self._exchange_buffer(2)
         try:
             dy = check_gradient(dy, x, backend)
-            out = check_output(out, dy, [dy, x], backend)
-            self._write_sums(backend, gathered, x, dy, save_mean, x_check,
-                             save_invstd)
+            out = check_output(out, dy, [dy, x] + ([] if y is None else [y]),
+                               backend)
+            # dy through the activation: what the batch norm's sums and dx
+            # read.
+            grad_output = self._write_sums(backend, gathered, x, dy,
+                                           save_mean, x_check, save_invstd, y)
         except Exception:
             self._exchange(backend, gathered, False, False)
             raise
@@ -231,13 +241,13 @@ class SyncBatchNorm(_BatchNorm):
                                                       True, False)
         # The gathered messages hold this rank's own sums too: the
         # parameter gradients come from those (``cpu.backward``).
-        dx, grad_weight, grad_bias = gradients(
-            backend, dy, x, self.weight, save_mean, save_invstd, True,
-            None if self.weight is None else self.dtype, out,
+        dx, grad_weight, grad_bias, _ = gradients(
+            backend, grad_output, x, self.weight, save_mean, save_invstd,
+            True, None if self.weight is None else self.dtype, out,
             sums=(count, partials, gathered, self.comm.rank))
         self.grad_weight = grad_weight
         self.grad_bias = grad_bias if self.bias is not None else None
-        return dx
+        return (dx, grad_output) if residual else dx
 
     def _exchange_buffer(self, blocks):
         """This call's message buffer and the backend it lives on.
@@ -319,7 +329,7 @@ class SyncBatchNorm(_BatchNorm):
         return s1 + own[1] * (shift - mean)
 
     def _write_sums(self, backend, gathered, x, dy, center, x_check=None,
-                    save_invstd=None):
+                    save_invstd=None, y=None):
         """This shard's message, into row ``comm.rank`` of ``gathered``.
 
         Forward (``center`` None): ``[1, count, *shift, *s1, *s2]``, with
@@ -327,14 +337,15 @@ class SyncBatchNorm(_BatchNorm):
         about a sample of each channel, so that they do not cancel.
         Backward (``center`` the forward's mean):
         ``[1, count, *sum(dy), *sum(dy * (x - center))]``, after checking
-        that ``x`` is unchanged (``x_check``). See
+        that ``x`` is unchanged (``x_check``), with ``dy`` through the
+        activation whose output is ``y``, which it returns. See
         :func:`numba_bn.cpu.write_message`.
         """
         if x.size == 0:
             _write_blank(backend, gathered, self.comm.rank, True)
-            return
-        backend.write_message(gathered, self.comm.rank, x, dy, center,
-                              center is None, x_check, save_invstd)
+            return dy
+        return backend.write_message(gathered, self.comm.rank, x, dy, center,
+                                     center is None, x_check, save_invstd, y)
 
 
 def _write_blank(backend, gathered, rank, ok):
@@ -389,7 +400,8 @@ def convert_sync_batchnorm(module, comm=None):
         module.num_features, module.eps, None if cumulative else momentum,
         module.affine, module.track_running_stats, comm=comm,
         bias=module.bias is not None, freeze=module.freeze,
-        device=module.device, dtype=module.dtype)
+        device=module.device, dtype=module.dtype,
+        activation=module.activation)
     for key in ("weight", "bias", "running_mean", "running_var",
                 "num_batches_tracked"):
         setattr(sync, key, getattr(module, key))

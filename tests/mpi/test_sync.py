@@ -121,6 +121,34 @@ def test_matches_batch_norm_on_the_concatenated_batch(layout, pattern, dtype,
         np.testing.assert_array_equal(other_var, bn.running_var)
 
 
+@pytest.mark.parametrize("layout", ["1d", "2d", "2d_channels_last"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_relu_and_residual_match_torch_on_the_concatenated_batch(layout, dtype):
+    """relu(bn(x) + residual) over all ranks: y, dx, d_residual against
+    PyTorch's separate steps on the whole batch."""
+    sizes = shard_sizes("unequal", WORLD.size)
+    sample_shape, channels_last = LAYOUTS[layout]
+    c = sample_shape[0]
+    x, dy = whole_batch(sizes, sample_shape, channels_last, dtype, seed=9)
+    residual = np.random.default_rng(10).normal(size=x.shape).astype(dtype)
+    bn = nbn.SyncBatchNorm(c, dtype=dtype, activation="relu")
+    y = bn(shard(x, sizes, WORLD.rank), residual=shard(residual, sizes, WORLD.rank))
+    dx, d_residual = bn.backward(shard(dy, sizes, WORLD.rank))
+
+    module = TORCH_MODULES[x.ndim](c, dtype=torch.from_numpy(x).dtype)
+    xt = torch.from_numpy(x.copy()).requires_grad_()
+    rt = torch.from_numpy(residual).requires_grad_()
+    y_t = torch.relu(module(xt) + rt)
+    y_t.backward(torch.from_numpy(dy))
+    close(y, shard(y_t.detach().numpy(), sizes, WORLD.rank), dtype, scale=5)
+    close(dx, shard(xt.grad.numpy(), sizes, WORLD.rank), dtype, scale=5)
+    np.testing.assert_array_equal(d_residual, shard(rt.grad.numpy(), sizes, WORLD.rank))
+    close(bn.running_var, module.running_var.detach().numpy(), dtype, scale=10)
+    mine = shard(rt.grad.numpy(), sizes, WORLD.rank).astype(np.float64)
+    close(bn.grad_bias, mine.sum(axis=(0,) + tuple(range(2, x.ndim))), dtype,
+          scale=x.size)
+
+
 def test_hard_input_statistics_do_not_cancel():
     """Mean 1e4, std 1 in float32, split unevenly: float32 rounding only."""
     sizes = shard_sizes("unequal", WORLD.size)
