@@ -1442,7 +1442,7 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     grad_output = dy
     if y is not None:
         # The pass that sums the gradient through the ReLU also writes it,
-        # and dx is then computed from it: 4 tensor reads and 2 writes.
+        # and dx is then computed from it: 5 tensor reads and 2 writes.
         grad_output, (x4, dy4, y4, g4), rows_layout = _views(
             [x_compute, dy_compute, *_computable_like(x, y)[1:]], None)
         psums = _partials(x4, dy4, save_mean, False, rows_layout, y4, g4)

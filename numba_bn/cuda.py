@@ -122,6 +122,13 @@ def _digits(p, rows, cols):
 
 
 @cuda.jit(device=True)
+def _digits32(p, rows, cols):
+    """``_digits`` as 32-bit integers."""
+    n, r, s = _digits(p, rows, cols)
+    return numba.uint32(n), numba.uint32(r), numba.uint32(s)
+
+
+@cuda.jit(device=True)
 def _advance(n, r, s, step_n, step_r, step_s, rows, cols):
     """Position ``(n, r, s)`` moved on by a step given as digits."""
     s += step_s
@@ -181,8 +188,15 @@ def _slot_count(channels_last, n_channels):
 
 
 @cuda.jit(device=True)
-def _thread_sums(x4, dy4, c, k, moments, first, inner, outer):
-    """This thread's sums of ``_channel.partial_terms`` over its positions."""
+def _thread_sums(x4, dy4, y4, g4, masked, c, k, moments, first, inner,
+                 outer):
+    """This thread's sums of ``_channel.partial_terms`` over its positions.
+
+    ``masked``: ``dy`` goes through the ReLU whose output is ``y4`` first
+    (``_channel.masked_gradient``), and is written to ``g4`` as it is read.
+    """
+    if masked:
+        return _masked_sums(x4, dy4, y4, g4, c, k, first, inner, outer)
     rows, cols = x4.shape[2], x4.shape[3]
     count = x4.shape[0] * rows * cols
     n, r, s = _digits(first, rows, cols)
@@ -202,6 +216,47 @@ def _thread_sums(x4, dy4, c, k, moments, first, inner, outer):
             pn, pr, ps = _advance(pn, pr, ps, in_n, in_r, in_s, rows, cols)
         n, r, s = _advance(n, r, s, out_n, out_r, out_s, rows, cols)
         p += outer
+    return s1, s2
+
+
+@cuda.jit(device=True)
+def _masked_sums(x4, dy4, y4, g4, c, k, first, inner, outer):
+    """``_thread_sums`` of a backward through the ReLU whose output is
+    ``y4``: ``dy`` there (``_channel.masked_gradient``) is summed and
+    written to ``g4``.
+
+    The same positions as the unrolled walk, one at a time and counted in
+    32 bits: with two more arrays, an unrolled group in 64-bit counters
+    spilled (ptxas).
+    """
+    u32 = numba.uint32
+    rows, cols = u32(x4.shape[2]), u32(x4.shape[3])
+    count = u32(x4.shape[0] * x4.shape[2] * x4.shape[3])
+    n, r, s = _digits32(first, rows, cols)
+    in_n, in_r, in_s = _digits32(inner, rows, cols)
+    # From a group's last position to the next group's first.
+    jump = u32(outer - (_UNROLL - 1) * inner)
+    jump_n, jump_r, jump_s = _digits32(jump, rows, cols)
+    step = u32(inner)
+    s1 = 0.0
+    s2 = 0.0
+    p = u32(first)
+    j = u32(0)
+    while p < count:
+        d = _channel.masked_gradient(dy4[n, c, r, s], y4[n, c, r, s], True)
+        g4[n, c, r, s] = d
+        u, uv = _channel.partial_terms(x4[n, c, r, s], d, k, False)
+        s1 += u
+        s2 += uv
+        if j == _UNROLL - 1:
+            n, r, s = _advance(n, r, s, jump_n, jump_r, jump_s, rows, cols)
+            p = u32(p + jump)
+            j = u32(0)
+        else:
+            n, r, s = _advance(n, r, s, in_n, in_r, in_s, rows, cols)
+            p = u32(p + step)
+            j = u32(j + 1)
+        n, r, s = u32(n), u32(r), u32(s)
     return s1, s2
 
 
@@ -270,7 +325,8 @@ def _finish_channel(finish, c, k, moments, count, partials, weight, bias,
                     message, rank):
     """Channel ``c``'s formulas, once its totals are in ``partials[:, 0]``.
 
-    ``coefficients`` rows: mean, scale, offset, gain of ``_normalize``.
+    ``coefficients`` rows: mean, scale, offset, gain of ``_normalize``
+    (the forward's gain, 1, adds the residual).
     """
     n_channels = partials.shape[2]
     totals, totals_prod = partials[0, 0:1], partials[1, 0:1]
@@ -282,6 +338,7 @@ def _finish_channel(finish, c, k, moments, count, partials, weight, bias,
             num_batches_tracked, momentum, cumulative, save_mean,
             save_invstd, coefficients[1], coefficients[2])
         coefficients[0, c] = save_mean[c]
+        coefficients[3, c] = 1.0  # the residual's gain, when there is one
     elif finish == _BACKWARD:
         coefficients[0, c] = k
         _channel.finish_backward(
@@ -311,8 +368,9 @@ def _coefficients(c, source, coefficients, mean, spread, weight, bias, eps,
     """``(mean, scale, offset, gain)`` of channel ``c`` for ``_normalize``.
 
     ``_COMPUTED``: from ``coefficients``. ``_RUNNING`` (eval forward): from
-    the running statistics ``mean`` and ``spread`` (the variance); the
-    channel's first thread also saves them for the backward. ``_SAVED``
+    the running statistics ``mean`` and ``spread`` (the variance), gain 1
+    for a residual; the channel's first thread also saves them for the
+    backward. ``_SAVED``
     (backward with constant statistics, the kernel reading ``dy`` as its
     ``x``): ``dx = gain * dy`` with ``spread`` the forward's invstd, so
     that ``x`` is not read (NaN or inf there must not reach ``dx``).
@@ -327,15 +385,15 @@ def _coefficients(c, source, coefficients, mean, spread, weight, bias, eps,
             save_mean[c] = m
             save_invstd[c] = invstd
         scale, offset = _channel.affine_coefficients(c, invstd, weight, bias)
-        return m, scale, offset, 0.0
+        return m, scale, offset, 1.0
     gain, _ = _channel.affine_coefficients(c, np.float64(spread[c]), weight,
                                            bias)
     return 0.0, gain, 0.0, 0.0
 
 
 @cuda.jit(device=True)
-def _affine_walk(x4, dy4, with_dy, out4, c, mean, scale, offset, gain, first,
-                 inner, outer):
+def _affine_walk(x4, dy4, with_dy, out4, relu, c, mean, scale, offset, gain,
+                 first, inner, outer):
     """``_channel.affine_element`` over this thread's positions of ``c``.
 
     Each group's loads come before its stores: the compiler cannot know
@@ -355,7 +413,7 @@ def _affine_walk(x4, dy4, with_dy, out4, c, mean, scale, offset, gain, first,
             if p + j * inner < count:
                 values[j] = _channel.affine_element(
                     x4[pn, c, pr, ps], dy4[pn, c, pr, ps], mean, scale,
-                    offset, gain, with_dy)
+                    offset, gain, with_dy, relu)
             pn, pr, ps = _advance(pn, pr, ps, in_n, in_r, in_s, rows, cols)
         pn, pr, ps = n, r, s
         for j in range(_UNROLL):
@@ -370,8 +428,8 @@ def _affine_walk(x4, dy4, with_dy, out4, c, mean, scale, offset, gain, first,
 # kernels
 
 @cuda.jit(cache=True, **_STREAMING)
-def _statistics(x4, dy4, moments, walk, center, count, partials, counters,
-                channels_last, finish, weight, bias, eps, running_mean,
+def _statistics(x4, dy4, y4, g4, masked, moments, walk, center, count,
+                partials, counters, channels_last, finish, weight, bias, eps, running_mean,
                 running_var, num_batches_tracked, momentum, cumulative,
                 save_mean, save_invstd, coefficients, grad_weight, grad_bias,
                 batch_stats, message, rank):
@@ -379,7 +437,8 @@ def _statistics(x4, dy4, moments, walk, center, count, partials, counters,
 
     With ``walk``, block ``(b, slot)`` sums ``_channel.partial_terms`` over
     its share of each channel's positions about ``k`` (``x4[0, c, 0, 0]``
-    with ``moments``, else ``center[c]``) into ``partials[:, b, c]``; the
+    with ``moments``, else ``center[c]``) into ``partials[:, b, c]``
+    (``masked``: ``dy`` through the ReLU, written to ``g4``); the
     last block of the slot merges the rows into ``partials[:, 0, c]``.
     Without ``walk`` (SyncBatchNorm, one block per slot) the merged totals
     are already there, about ``center``. Then ``_finish_channel(finish)``
@@ -414,7 +473,8 @@ def _statistics(x4, dy4, moments, walk, center, count, partials, counters,
         s1 = 0.0
         s2 = 0.0
         if active:
-            s1, s2 = _thread_sums(x4, dy4, c, k, moments, first, inner, outer)
+            s1, s2 = _thread_sums(x4, dy4, y4, g4, masked, c, k, moments,
+                                  first, inner, outer)
         s1, s2 = _block_sums(shared, s1, s2, channels_last)
         if active and owner:
             partials[0, cuda.blockIdx.x, c] = s1
@@ -449,18 +509,20 @@ def _statistics(x4, dy4, moments, walk, center, count, partials, counters,
 
 
 @cuda.jit(cache=True, **_STREAMING)
-def _normalize(x4, dy4, with_dy, out4, channels_last, source, coefficients,
-               mean, spread, weight, bias, eps, save_mean, save_invstd):
+def _normalize(x4, dy4, with_dy, out4, relu, channels_last, source,
+               coefficients, mean, spread, weight, bias, eps, save_mean,
+               save_invstd):
     """``out = (x - mean) * scale + offset``, plus ``gain * dy`` ``with_dy``,
-    with each channel's coefficients from ``source`` (``_coefficients``)."""
+    then the ReLU with ``relu``, with each channel's coefficients from
+    ``source`` (``_coefficients``)."""
     c = _slot_channel(channels_last, _slot())
     if c < x4.shape[1]:
         first, inner, outer = _thread_walk(channels_last)
         m, scale, offset, gain = _coefficients(
             c, source, coefficients, mean, spread, weight, bias, eps,
             save_mean, save_invstd, first)
-        _affine_walk(x4, dy4, with_dy, out4, c, m, scale, offset, gain, first,
-                     inner, outer)
+        _affine_walk(x4, dy4, with_dy, out4, relu, c, m, scale, offset,
+                     gain, first, inner, outer)
 
 
 @cuda.jit(cache=True)
@@ -754,8 +816,9 @@ def _launch_statistics(stream, x4, dy4, moments, center, count, finish,
                        cumulative=False, save_mean=None, save_invstd=None,
                        coefficients=None, grad_weight=None, grad_bias=None,
                        batch_stats=False, message=None, rank=0,
-                       partials=None):
-    """One ``_statistics`` launch; ``partials`` given: already merged."""
+                       partials=None, y4=None, g4=None):
+    """One ``_statistics`` launch; ``partials`` given: already merged;
+    ``y4`` given: ``dy4`` through the ReLU, written to ``g4``."""
     channels_last = is_channels_last(x4.shape, x4.strides)
     lanes, rows_of_block = _block()
     threads = lanes * rows_of_block
@@ -769,7 +832,11 @@ def _launch_statistics(stream, x4, dy4, moments, center, count, finish,
     f64 = np.float64
     kernel = _statistics[grid, (lanes, rows_of_block), stream,
                          2 * threads * 8]
-    kernel(x4, dy4, moments, walk, _optional(center, f64), count, partials,
+    # Absent, y4 and g4 are x4 itself, never read or written: the same
+    # argument types as x4's then share a compiled kernel.
+    masked = y4 is not None
+    kernel(x4, dy4, y4 if masked else x4, g4 if masked else x4, masked,
+           moments, walk, _optional(center, f64), count, partials,
            _counters(stream, slots + 1), channels_last, finish,
            _optional(weight, param_dtype), _optional(bias, param_dtype),
            float(eps), _optional(running_mean, param_dtype),
@@ -784,7 +851,8 @@ def _launch_statistics(stream, x4, dy4, moments, center, count, finish,
 
 def _launch_normalize(stream, x4, dy4, with_dy, out4, source, param_dtype,
                       coefficients=None, mean=None, spread=None, weight=None,
-                      bias=None, eps=0.0, save_mean=None, save_invstd=None):
+                      bias=None, eps=0.0, save_mean=None, save_invstd=None,
+                      relu=False):
     channels_last = is_channels_last(x4.shape, x4.strides)
     lanes, rows_of_block = _block()
     grid, _ = _grid(x4.shape, channels_last, lanes * rows_of_block, lanes,
@@ -793,7 +861,7 @@ def _launch_normalize(stream, x4, dy4, with_dy, out4, source, param_dtype,
     # The saved statistics are float64, the running ones the parameters'.
     statistics_dtype = f64 if source == _SAVED else param_dtype
     _normalize[grid, (lanes, rows_of_block), stream](
-        x4, dy4, with_dy, out4, channels_last, source,
+        x4, dy4, with_dy, out4, bool(relu), channels_last, source,
         _optional(coefficients, f64), _optional(mean, statistics_dtype),
         _optional(spread, statistics_dtype), _optional(weight, param_dtype),
         _optional(bias, param_dtype), float(eps), _optional(save_mean, f64),
@@ -829,42 +897,43 @@ def _copy(src, dst, stream):
                           src.dtype, coefficients=identity)
 
 
-def _views(inputs, out, stream):
-    """The array the kernels write, and their views of all arrays.
+def _views(inputs, outs, stream):
+    """The arrays the kernels write, and their views of all arrays.
 
     Parameters
     ----------
     inputs : list of device arrays
         Inputs of one shape and dtype.
-    out : device array or None
-        The caller's output, or None for a new one like ``inputs[0]``.
+    outs : list of (device array or None)
+        The caller's outputs, None for a new one like ``inputs[0]``.
     stream : numba stream
 
     Returns
     -------
-    target : device array
-        ``out`` (or a new array like ``inputs[0]``), or a contiguous
-        stand-in when the spatial axes do not merge (see :func:`_deliver`).
+    targets : list of device arrays
+        Each of ``outs`` (or a new array like ``inputs[0]``), or a
+        contiguous stand-in when the spatial axes do not merge (see
+        :func:`_deliver`).
     list of device arrays
-        ``(N, C, R, S)`` views of the inputs and of ``target`` with one
+        ``(N, C, R, S)`` views of the inputs, then of the targets, with one
         common ``(R, S)`` split; inputs are copied (on the device) only
         where their spatial axes do not merge into two.
     """
-    target = empty_like(inputs[0]) if out is None else out
-    arrays = inputs + [target]
-    geometry = canonical_geometry(target.shape,
+    targets = [empty_like(inputs[0]) if out is None else out for out in outs]
+    arrays = inputs + targets
+    geometry = canonical_geometry(targets[0].shape,
                                   tuple(a.strides for a in arrays))
     if geometry is None:
         contiguous = []
         for a in inputs:
             contiguous.append(empty(a.shape, a.dtype))
             _copy(_view(a), _view(contiguous[-1]), stream)
-        target = empty(target.shape, target.dtype)
-        arrays = contiguous + [target]
-        geometry = canonical_geometry(target.shape,
+        targets = [empty(t.shape, t.dtype) for t in targets]
+        arrays = contiguous + targets
+        geometry = canonical_geometry(targets[0].shape,
                                       tuple(a.strides for a in arrays))
     shape4, strides4 = geometry
-    return target, [_view(a, shape4, st) for a, st in zip(arrays, strides4)]
+    return targets, [_view(a, shape4, st) for a, st in zip(arrays, strides4)]
 
 
 def _deliver(target, out, stream):
@@ -883,18 +952,26 @@ def _vectors(n_channels, rows):
 # --------------------------------------------------------------------------
 # operations
 
+def _forward_views(x, out, residual, stream):
+    """The output and the views ``(x4, residual4 or x4, out4)`` of a forward."""
+    _after_producers(stream, [out, residual])
+    inputs = [x] if residual is None else [x, residual]
+    (y,), views = _views(inputs, [out], stream)
+    return y, (views[0], views[-2], views[-1])
+
+
 def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
                         num_batches_tracked, momentum, cumulative, out=None,
-                        moments=None):
+                        moments=None, residual=None, relu=False):
     """Normalize ``x`` with its batch statistics; update the running ones.
 
     Same parameters and returns as :func:`numba_bn.cpu.forward_batch_stats`,
     with device arrays. Two launches (statistics, normalization); three
-    with ``moments`` (their merge comes first).
+    with ``moments`` (their merge comes first). The residual and the ReLU
+    join the normalization's launch.
     """
     stream = _stream_for(x)
-    _after_producers(stream, [out])
-    y, (x4, y4) = _views([x], out, stream)
+    y, (x4, r4, y4) = _forward_views(x, out, residual, stream)
     n_channels = x4.shape[1]
     save_mean, save_invstd = _vectors(n_channels, 2)
     coefficients = empty((4, n_channels), np.float64)
@@ -912,42 +989,50 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
         momentum=momentum, cumulative=cumulative, save_mean=save_mean,
         save_invstd=save_invstd, coefficients=coefficients,
         partials=partials)
-    _launch_normalize(stream, x4, x4, False, y4, _COMPUTED, x.dtype,
-                      coefficients=coefficients)
+    _launch_normalize(stream, x4, r4, residual is not None, y4, _COMPUTED,
+                      x.dtype, coefficients=coefficients, relu=relu)
     return _deliver(y, out, stream), save_mean, save_invstd
 
 
 def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
-                          out=None):
+                          out=None, residual=None, relu=False):
     """Normalize ``x`` with the running statistics (eval mode, frozen).
 
     Same parameters and returns as :func:`numba_bn.cpu.forward_running_stats`,
     with device arrays. One launch.
     """
     stream = _stream_for(x)
-    _after_producers(stream, [out])
-    y, (x4, y4) = _views([x], out, stream)
+    y, (x4, r4, y4) = _forward_views(x, out, residual, stream)
     save_mean, save_invstd = _vectors(x4.shape[1], 2)
-    _launch_normalize(stream, x4, x4, False, y4, _RUNNING,
+    _launch_normalize(stream, x4, r4, residual is not None, y4, _RUNNING,
                       _param_dtype(x, running_mean), mean=running_mean,
                       spread=running_var, weight=weight, bias=bias, eps=eps,
-                      save_mean=save_mean, save_invstd=save_invstd)
+                      save_mean=save_mean, save_invstd=save_invstd,
+                      relu=relu)
     return _deliver(y, out, stream), save_mean, save_invstd
 
 
 def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
-             out=None, sums=None, x_check=None):
+             out=None, sums=None, x_check=None, y=None):
     """Gradients of a forward that normalized with ``save_mean``/``save_invstd``.
 
     Same parameters and returns as :func:`numba_bn.cpu.backward`, with
     device arrays. Two launches (gradient sums, ``dx``), or one when the
-    statistics were constant and no parameter gradient is asked for.
+    statistics were constant and no parameter gradient is asked for and
+    there is no ``y``. With ``y`` the first launch writes ``dy`` through
+    the ReLU, which the second reads.
     ``x_check`` is not checked here: raising would take a device-to-host
     read, a wait for the GPU, in every backward.
     """
     stream = _stream_for(x)
-    _after_producers(stream, [dy, out])
-    dx, (x4, dy4, dx4) = _views([x, dy], out, stream)
+    _after_producers(stream, [dy, out, y])
+    masked = y is not None
+    if masked:
+        (grad_output, dx), (x4, dy4, y4, g4, dx4) = _views(
+            [x, dy, y], [None, out], stream)
+    else:
+        (dx,), (x4, dy4, dx4) = _views([x, dy], [out], stream)
+        grad_output, y4, g4 = dy, None, None
     n_channels = x4.shape[1]
     param_dtype = _param_dtype(x, weight)
     grad_weight = grad_bias = None
@@ -959,47 +1044,59 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     count = x4.shape[0] * x4.shape[2] * x4.shape[3]
     if sums is None and not batch_stats:
         # Constant statistics: dx = gain * dy, which reads no x; the
-        # parameter gradients, when asked for, do.
-        if grad_dtype is not None:
+        # parameter gradients, when asked for, do, and so does the ReLU's
+        # gradient (a second output kept the element pass in 64 registers
+        # only with spills).
+        if grad_dtype is not None or masked:
             _launch_statistics(
                 stream, x4, dy4, False, save_mean, count, _BACKWARD,
                 param_dtype,
                 weight=weight, save_invstd=save_invstd,
                 coefficients=coefficients, grad_weight=grad_weight,
-                grad_bias=grad_bias)
+                grad_bias=grad_bias, y4=y4, g4=g4)
+        if masked:
+            dy4 = g4
         _launch_normalize(stream, dy4, dy4, False, dx4, _SAVED, param_dtype,
                           spread=save_invstd, weight=weight)
-        return _deliver(dx, out, stream), grad_weight, grad_bias
-    partials = message = None
-    rank = 0
-    if sums is not None:
-        count, partials, message, rank = sums
-        partials = _view(partials)
-    _launch_statistics(
-        stream, x4, dy4, False, save_mean, count, _BACKWARD, param_dtype,
-        weight=weight, save_invstd=save_invstd, coefficients=coefficients,
-        grad_weight=grad_weight, grad_bias=grad_bias,
-        batch_stats=batch_stats, message=message, rank=rank,
-        partials=partials)
-    _launch_normalize(stream, x4, dy4, True, dx4, _COMPUTED, param_dtype,
-                      coefficients=coefficients)
-    return _deliver(dx, out, stream), grad_weight, grad_bias
+    else:
+        partials = message = None
+        rank = 0
+        if sums is not None:
+            count, partials, message, rank = sums
+            partials = _view(partials)
+        _launch_statistics(
+            stream, x4, dy4, False, save_mean, count, _BACKWARD,
+            param_dtype, weight=weight, save_invstd=save_invstd,
+            coefficients=coefficients, grad_weight=grad_weight,
+            grad_bias=grad_bias, batch_stats=batch_stats, message=message,
+            rank=rank, partials=partials, y4=y4, g4=g4)
+        _launch_normalize(stream, x4, g4 if masked else dy4, True, dx4,
+                          _COMPUTED, param_dtype, coefficients=coefficients)
+    return (_deliver(dx, out, stream), grad_weight, grad_bias,
+            grad_output)
 
 
 def write_message(gathered, rank, x, dy, center, moments, x_check=None,
-                  save_invstd=None):
+                  save_invstd=None, y=None):
     """This rank's SyncBatchNorm message, into row ``rank`` of ``gathered``.
 
-    Same parameters as :func:`numba_bn.cpu.write_message`, with device
-    arrays. One launch. ``x_check`` is not checked, as in :func:`backward`.
+    Same parameters and returns as :func:`numba_bn.cpu.write_message`, with
+    device arrays. One launch. ``x_check`` is not checked, as in
+    :func:`backward`.
     """
     stream = _stream_for(x)
-    _after_producers(stream, [dy])
-    # x is its own target here: the views are read, nothing is written.
-    _, (x4, dy4, _) = _views([x, dy], x, stream)
+    _after_producers(stream, [dy, y])
+    if y is None:
+        # x is its own target here: the views are read, nothing is written.
+        _, (x4, dy4, _) = _views([x, dy], [x], stream)
+        grad_output, y4, g4 = dy, None, None
+    else:
+        (grad_output,), (x4, dy4, y4, g4) = _views([x, dy, y], [None],
+                                                  stream)
     count = x4.shape[0] * x4.shape[2] * x4.shape[3]
     _launch_statistics(stream, x4, dy4, moments, center, count, _MESSAGE,
-                       x.dtype, message=gathered, rank=rank)
+                       x.dtype, message=gathered, rank=rank, y4=y4, g4=g4)
+    return grad_output
 
 
 def merge_ranks(gathered, moments):

@@ -2,8 +2,8 @@
 and its kernel launches counted.
 
 A training forward is two launches (statistics, normalization), an eval
-forward one, a backward two (one when the statistics were constant and no
-parameter gradient is asked for). SyncBatchNorm adds its exchange: one
+forward one, a backward two (one when the statistics were constant, no
+parameter gradient is asked for and no ReLU was fused). SyncBatchNorm adds its exchange: one
 launch writes the message, one merges the ranks' messages. The conftest's
 ``launches_the_hardware_accepts`` checks each launch's arguments against
 numba-cuda's hardware launcher. The counts and the Numba device-array
@@ -171,6 +171,109 @@ def test_functional_calls(dtype, layout, rng, counted):
     assert call.made(2) and dw is None and db is None
     close(dx, ref.backward_batch_stats(dy, x)[0], dtype, scale=5)
     assert y.strides == x.strides and dx.strides == x.strides
+
+
+def fused_reference(x, residual, dy, w, b, stats, batch):
+    """relu(bn(x) + residual): y, dx, dweight, dbias and d_residual in float64."""
+    y = ref.forward(x, *stats, w, b) + (0 if residual is None else residual)
+    y = np.maximum(y, 0)
+    g = dy * (y > 0)
+    grads = (ref.backward_batch_stats(g, x, w) if batch
+             else ref.backward_running_stats(g, x, *stats, w))
+    return y, grads, g
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["relu", "relu+residual"])
+@pytest.mark.parametrize("state", ["train", "eval", "frozen", "frozen, no affine"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fused_module_flags(layout, state, with_residual, rng, counted):
+    """The fused ReLU and residual take no launch of their own: the same
+    counts as the plain module, except a backward through the ReLU with
+    constant statistics and no parameter gradient, which takes 2."""
+    c = 3
+    bn = nbn.BatchNorm2d(c, device="cuda", activation="relu",
+                         freeze=state.startswith("frozen"),
+                         affine=state != "frozen, no affine")
+    w, b = rng.normal(1, 0.5, c), rng.normal(0, 1, c)
+    rm, rv = rng.normal(0, 1, c), rng.uniform(0.5, 2, c)
+    bn.load_state_dict({"weight": w, "bias": b, "running_mean": rm,
+                        "running_var": rv}, strict=False)
+    w, b = (w, b) if bn.weight is not None else (None, None)
+    bn.train(state != "eval")
+    x = rng.normal(0.5, 2, (3, c, 2, 3)).astype(np.float32)
+    if layout == "channels_last":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    residual = rng.normal(size=x.shape).astype(np.float32) if with_residual else None
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    name = f"BatchNorm2d(relu, {state}, {layout}{', residual' if with_residual else ''})"
+    with counted(name + " forward") as fwd:
+        y = bn(to_device(x), residual=None if residual is None else to_device(residual))
+    with counted(name + " backward") as bwd:
+        grads = bn.backward(to_device(dy))
+    batch = state == "train"
+    assert fwd.made(2 if batch else 1) and bwd.made(2)
+    dx, d_residual = grads if with_residual else (grads, None)
+    stats = ref.batch_stats(x) if batch else (rm, rv)
+    y_ref, (dx_ref, dw_ref, db_ref), g = fused_reference(x, residual, dy, w, b, stats, batch)
+    close(y, y_ref, scale=5)
+    close(dx, dx_ref, scale=5)
+    if with_residual:
+        np.testing.assert_array_equal(host(d_residual), g.astype(np.float32))
+    if state in ("train", "eval"):
+        close(bn.grad_weight, dw_ref, scale=x.size)
+        close(bn.grad_bias, db_ref, scale=x.size)
+    assert host(y).strides == x.strides
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_fused_functional_pair_and_out_as_the_residual(dtype, rng, counted):
+    c = 2
+    x = rng.normal(1, 2, (3, c, 2, 3)).astype(dtype)
+    residual = rng.normal(size=x.shape).astype(dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    param = np.float32 if dtype == np.float16 else dtype
+    w, b = rng.normal(1, 0.5, c).astype(param), rng.normal(0, 1, c).astype(param)
+    gpu = backend.from_host
+    x_gpu, r_gpu = gpu(x), gpu(residual)
+    tag = np.dtype(dtype).name
+    with counted(f"batch_norm_forward_training, relu, out=residual ({tag})") as call:
+        y, mean, invstd = nbn.batch_norm_forward_training(
+            x_gpu, gpu(w), gpu(b), activation="relu", residual=r_gpu, out=r_gpu)
+    assert call.made(2) and y is r_gpu
+    y_ref, (dx_ref, dw_ref, db_ref), g = fused_reference(
+        x, residual.astype(np.float64), dy.astype(np.float64), w, b,
+        ref.batch_stats(x), True)
+    close(y, y_ref, dtype, scale=5)
+    with counted(f"batch_norm_backward, relu, residual ({tag})") as call:
+        dx, dw, db, d_residual = nbn.batch_norm_backward(
+            gpu(dy), x_gpu, gpu(w), mean, invstd, activation="relu", y=y,
+            residual=True)
+    assert call.made(2)
+    # The ReLU's mask comes from the stored y, as in PyTorch.
+    g = dy.astype(np.float64) * (host(y) > 0)
+    dx_ref, dw_ref, db_ref = ref.backward_batch_stats(g, x, w)
+    close(dx, dx_ref, dtype, scale=5)
+    close(dw, dw_ref, param, scale=x.size)
+    close(db, db_ref, param, scale=x.size)
+    np.testing.assert_array_equal(host(d_residual), g.astype(dtype))
+
+
+def test_fused_sync_batch_norm(rng, counted):
+    mpi = pytest.importorskip("mpi4py.MPI")
+    x = rng.normal(0.5, 2, (3, 2, 2, 2))
+    residual, dy = rng.normal(size=x.shape), rng.normal(size=x.shape)
+    bn = nbn.SyncBatchNorm(2, comm=mpi.COMM_SELF, device="cuda",
+                           dtype="float64", activation="relu")
+    with counted("SyncBatchNorm relu+residual forward (1 rank)") as fwd:
+        y = bn(to_device(x), residual=to_device(residual))
+    with counted("SyncBatchNorm relu+residual backward (1 rank)") as bwd:
+        dx, d_residual = bn.backward(to_device(dy))
+    assert fwd.made(4) and bwd.made(4)
+    y_ref, (dx_ref, _, _), g = fused_reference(x, residual, dy, None, None,
+                                               ref.batch_stats(x), True)
+    close(y, y_ref, np.float64, scale=5)
+    close(dx, dx_ref, np.float64, scale=5)
+    np.testing.assert_array_equal(host(d_residual), g)
 
 
 def test_sync_batch_norm_launches(rng, counted):

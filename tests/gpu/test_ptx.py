@@ -91,13 +91,14 @@ def signatures(dtype, param, layout):
     ``cuda._launch_normalize`` pass (placeholders share them)."""
     x4 = arr(dtype, 4, layout)
     p = arr(param, 1, "C")
-    statistics = (x4, x4, nt.boolean, nt.boolean, VEC, nt.int64,
+    # y4 and g4 (the ReLU's output and dy through it) are x4 when absent.
+    statistics = (x4, x4, x4, x4, nt.boolean, nt.boolean, nt.boolean, VEC, nt.int64,
                   arr(F64, 3, "C"), arr(nt.int32, 1, "C"), nt.boolean,
                   nt.int64, p, p, F64, p, p, arr(nt.int64, 1, "C"), F64,
                   nt.boolean, VEC, VEC, MATRIX, p, p, nt.boolean, MATRIX,
                   nt.int64)
-    normalize = (x4, x4, nt.boolean, x4, nt.boolean, nt.int64, MATRIX, p, p,
-                 p, p, F64, VEC, VEC)
+    normalize = (x4, x4, nt.boolean, x4, nt.boolean, nt.boolean, nt.int64,
+                 MATRIX, p, p, p, p, F64, VEC, VEC)
     return statistics, normalize
 
 
