@@ -322,6 +322,172 @@ def small_calls(torch, rounds):
     return results
 
 
+# Fused batch norm + (residual add) + ReLU against the same steps taken
+# separately. Tensors 4x the L3 and more, so that every step streams from
+# memory: (64, 64, 112, 112) float32 is 205 MB.
+FUSED_SHAPES = [(64, 64, 112, 112)]
+QUICK_FUSED_SHAPES = [(8, 16, 32, 32)]
+# Tensor-sized passes (fused, separate steps): the training forward reads x
+# twice and writes y, the residual adds a read, each separate step reads and
+# writes the whole tensor again; the backward through the ReLU reads x, dy
+# and y and writes dy through the ReLU, then reads x and it and writes dx.
+FUSED_PASSES = {"train+relu": (3, 5), "train+add+relu": (4, 8),
+                "eval+relu": (2, 4), "backward+relu+add": (7, 8)}
+FUSED_TARGET_RATIO = {"train+relu": 0.7, "train+add+relu": 0.7,
+                      "eval+relu": 0.6, "backward+relu+add": 0.95}
+
+
+class FusedCase:
+    """One fused operation, against PyTorch's best eager practice (the
+    batch norm, then in-place ``add_`` and ``relu_``), against numba_bn
+    followed by in-place NumPy steps, and against ``torch.compile`` of the
+    PyTorch steps (forward only) when asked for."""
+
+    def __init__(self, op, shape, dtype, use_out, torch, compile_torch=False):
+        rng = np.random.default_rng(0)
+        c = shape[1]
+        self.op, self.shape, self.dtype = op, shape, dtype
+        self.nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        x = layout_input(shape, dtype, "nchw", rng)
+        residual = layout_input(shape, dtype, "nchw", rng)
+        dy = layout_input(shape, dtype, "nchw", rng)
+        w = rng.uniform(0.5, 1.5, c).astype(dtype)
+        b = rng.normal(0, 0.1, c).astype(dtype)
+        rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+        out = np.empty_like(x) if use_out else None
+        training = op.startswith("train")
+        added = residual if "add" in op else None
+        self.contenders = {}
+        if op.startswith("backward"):
+            y, mean, invstd = nbn.batch_norm_forward_training(
+                x, w, b, EPS, activation="relu", residual=residual)
+            self.contenders["numba_bn"] = lambda: nbn.batch_norm_backward(
+                dy, x, w, mean, invstd, activation="relu", y=y,
+                residual=True, out=out)[0]
+
+            def steps():
+                g = np.where(y > 0, dy, 0)
+                return nbn.batch_norm_backward(g, x, w, mean, invstd,
+                                               out=out)[0]
+        else:
+            self.contenders["numba_bn"] = lambda: nbn.batch_norm(
+                x, rm, rv, w, b, training=training, eps=EPS, out=out,
+                activation="relu", residual=added)
+
+            def steps():
+                y = nbn.batch_norm(x, rm, rv, w, b, training=training,
+                                   eps=EPS, out=out)
+                if added is not None:
+                    np.add(y, added, out=y)
+                return np.maximum(y, 0, out=y)
+        self.contenders["numba_bn+numpy"] = steps
+        if torch is not None:
+            self.contenders.update(torch_fused_contenders(
+                torch, op, x, residual, dy, w, b, rm.copy(), rv.copy(),
+                compile_torch))
+
+    def check(self):
+        """numba_bn's result against PyTorch's steps (or its own NumPy
+        steps); the relative error."""
+        reference = self.contenders.get("torch",
+                                        self.contenders["numba_bn+numpy"])()
+        ours = np.asarray(self.contenders["numba_bn"](), np.float64)
+        reference = np.asarray(reference, np.float64)
+        return float(np.abs(ours - reference).max()
+                     / max(np.abs(reference).max(), 1e-30))
+
+
+def torch_fused_contenders(torch, op, x, residual, dy, w, b, rm, rv,
+                           compile_torch):
+    """PyTorch's separate steps (and ``torch.compile`` of them)."""
+    F = torch.nn.functional
+    xt, rt, dyt = (torch.from_numpy(a.copy()) for a in (x, residual, dy))
+    wt, bt = torch.from_numpy(w), torch.from_numpy(b)
+    rmt, rvt = torch.from_numpy(rm), torch.from_numpy(rv)
+    if op.startswith("backward"):
+        yt, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            xt, wt, bt, None, None, True, 0.1, EPS)
+        yt = yt.add_(rt).relu_()
+
+        def run():
+            g = torch.ops.aten.threshold_backward(dyt, yt, 0)
+            return torch.ops.aten.native_batch_norm_backward(
+                g, xt, wt, None, None, save_mean, save_invstd, True, EPS,
+                [True, True, True])[0].numpy()
+        return {"torch": run}
+    training = op.startswith("train")
+    added = "add" in op
+
+    def steps(xt, rt):
+        y = F.batch_norm(xt, rmt, rvt, wt, bt, training=training, eps=EPS)
+        if added:
+            y.add_(rt)
+        return y.relu_()
+
+    def run():
+        with torch.no_grad():
+            return steps(xt, rt).numpy()
+    contenders = {"torch": run}
+    if compile_torch:
+        compiled = torch.compile(steps)
+
+        def run_compiled():
+            with torch.no_grad():
+                return compiled(xt, rt).numpy()
+        run_compiled()  # compiles, outside the timing
+        contenders["torch.compile"] = run_compiled
+    return contenders
+
+
+def fused_main(torch, shapes, rounds, probe, use_out, compile_torch):
+    """The fused cases: printed, and returned as JSON-ready dicts with the
+    list of missed targets."""
+    print("\nfused batch norm + ReLU (+ residual add), float32 NCHW; floor: "
+          "the fused byte count's share of the copy bandwidth")
+    header = (f"{'op':19}{'shape':19}{'numba_bn':>9}{'torch':>9}"
+              f"{'compile':>9}{'nb+numpy':>9}{'ratio':>7}{'GB/s':>6}"
+              f"{'floor':>7}  target")
+    print(header)
+    print("-" * len(header))
+    results, missed, wrong = [], [], []
+    for shape in shapes:
+        for op in FUSED_PASSES:
+            case = FusedCase(op, shape, np.float32, use_out, torch,
+                             compile_torch)
+            error = case.check()
+            bandwidth = probe.bandwidth()
+            times, _ = time_interleaved(case.contenders, rounds)
+            ours, theirs = times["numba_bn"], times.get("torch")
+            ratio = ours / theirs if theirs else None
+            floor = FUSED_PASSES[op][0] * case.nbytes / bandwidth / ours
+            verdict = []
+            if ratio is not None:
+                target = FUSED_TARGET_RATIO[op]
+                verdict.append(f"<={target:.2f}x "
+                               + ("ok" if ratio <= target else "MISS"))
+            if case.nbytes > FLOOR_MIN_BYTES:
+                verdict.append(f"floor>={TARGET_FLOOR_SHARE:.0%} "
+                               + ("ok" if floor >= TARGET_FLOOR_SHARE else "MISS"))
+            if error > 1e-4:
+                verdict.append(f"WRONG (error {error:.1e})")
+                wrong.append(op)
+            if any("MISS" in v for v in verdict):
+                missed.append(f"{op} {shape}")
+            print(f"{op:19}{str(shape).replace(' ', ''):19}{fmt_ms(ours):>9}"
+                  f"{fmt_ms(theirs):>9}{fmt_ms(times.get('torch.compile')):>9}"
+                  f"{fmt_ms(times['numba_bn+numpy']):>9}"
+                  f"{'-' if ratio is None else f'{ratio:.2f}':>7}"
+                  f"{bandwidth / 1e9:6.0f}{floor:7.0%}  {', '.join(verdict)}")
+            results.append({"op": op, "shape": list(shape), "dtype": "float32",
+                            "layout": "nchw", "out": use_out, "seconds": times,
+                            "ratio_to_torch": ratio,
+                            "copy_bandwidth_bytes_per_s": bandwidth,
+                            "floor_share": floor,
+                            "passes_fused_and_separate": FUSED_PASSES[op],
+                            "max_rel_error_vs_reference": error})
+    return results, missed, wrong
+
+
 GPU_SHAPES = {"float32": (64, 256, 64, 64), "float16": (128, 256, 64, 64)}
 """256 MiB per tensor, so the 50 MB L2 of an H100 does not flatter."""
 SIMULATOR_SHAPES = {"float32": (2, 3, 2, 3), "float16": (3, 3, 2, 2)}
@@ -490,6 +656,13 @@ def main(argv=None):
                         help="leave JAX out even when it is installed")
     parser.add_argument("--json", metavar="PATH",
                         help="also write the results as JSON (for docs/plots)")
+    parser.add_argument("--cases", choices=["all", "plain", "fused"],
+                        default="all",
+                        help="plain: batch norm alone; fused: with the ReLU "
+                             "and residual add (default: both)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave torch.compile out of the fused cases "
+                             "(always out with --quick)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: 256 MiB tensors against PyTorch's CUDA "
                              "batch norm and the device copy roofline")
@@ -525,12 +698,14 @@ def main(argv=None):
           + f"; {numba.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"floor: at the bandwidth of a {probe.src.nbytes >> 20} MiB parallel copy "
           "(read + write, GB/s column) timed before each case")
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.cases == "fused":
+        shapes = []
     header = (f"{'op':9}{'shape':19}{'dtype':8}{'layout':14}{'numba_bn':>9}"
               f"{'torch':>9}{'jax':>9}{'numpy':>9}{'ratio':>7}{'vs jax':>7}"
               f"{'GB/s':>6}{'floor':>7}{'faults':>8}  target")
     print(header)
     print("-" * len(header))
-    shapes = QUICK_SHAPES if args.quick else SHAPES
     dtypes = [np.float32] if args.quick else [np.float32, np.float64]
     results, wrong, missed = [], [], []
     for shape in shapes:
@@ -574,6 +749,14 @@ def main(argv=None):
                                     "copy_bandwidth_bytes_per_s": bandwidth,
                                     "floor_share": floor, "faults_per_call": faults,
                                     "max_rel_error_vs_reference": error})
+    fused = []
+    if args.cases != "plain":
+        fused, fused_missed, fused_wrong = fused_main(
+            torch, QUICK_FUSED_SHAPES if args.quick else FUSED_SHAPES, rounds,
+            probe, args.out,
+            torch is not None and not (args.quick or args.no_compile))
+        missed += fused_missed
+        wrong += fused_wrong
     calls = small_calls(torch, rounds)
     print("\nmodule call (validation, dispatch, launch), float32, training mode:")
     for entry in calls:
@@ -581,11 +764,12 @@ def main(argv=None):
         ratio = "" if theirs is None else f", ratio {entry['numba_bn'] / theirs:.2f}"
         print(f"  {tuple(entry['shape'])}: numba_bn {entry['numba_bn'] * 1e6:.1f} us"
               + ("" if theirs is None else f", torch {theirs * 1e6:.1f} us") + ratio)
-    bandwidths = [r["copy_bandwidth_bytes_per_s"] for r in results]
+    bandwidths = [r["copy_bandwidth_bytes_per_s"] for r in results + fused]
     bandwidth = float(np.median(bandwidths))
     print(f"\ncopy bandwidth over the cases: median {bandwidth / 1e9:.1f} GB/s, "
           f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}")
-    print(f"{len(results) - len(missed)} of {len(results)} cases meet their targets"
+    total = len(results) + len(fused)
+    print(f"{total - len(missed)} of {total} cases meet their targets"
           + (f"; missed: {'; '.join(missed)}" if missed else ""))
     if args.json:
         with open(args.json, "w") as f:
@@ -597,7 +781,8 @@ def main(argv=None):
                                     "jax": getattr(jax, "__version__", None)},
                        "machine": platform.processor() or platform.machine(),
                        "date": time.strftime("%Y-%m-%d"),
-                       "cases": results, "module_calls": calls}, f, indent=1)
+                       "cases": results, "fused_cases": fused,
+                       "module_calls": calls}, f, indent=1)
     compiled = compiled_here()
     if compiled:
         print(f"\nwarning: this process compiled {', '.join(compiled)} instead "

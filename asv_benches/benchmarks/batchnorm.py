@@ -101,6 +101,50 @@ class TimeBatchNorm:
         self.run()
 
 
+class TimeFused:
+    """The fused ReLU and residual add: a ResNet block's batch norm, module
+    forward (training and eval) and backward, float32 NCHW (CPU; the GPU
+    where one is usable). 64x64x112x112 streams every pass from memory."""
+    params = [["train+relu", "train+add+relu", "eval+relu", "backward+relu+add"],
+              ["64x64x112x112", "8x16x32x32"], DEVICES]
+    param_names = ["op", "shape", "device"]
+    timeout = 300
+
+    def setup(self, op, shape, device):
+        if device == "cuda" and not gpu_usable():
+            raise NotImplementedError("no usable GPU")
+        x, dy, w, b = host_inputs(shape, "float32", "nchw")
+        residual = dy.copy() if "add" in op or op.startswith("backward") else None
+        bn = nbn.BatchNorm2d(x.shape[1], activation="relu")
+        bn.load_state_dict({"weight": w, "bias": b}, strict=False)
+        sync = lambda: None  # noqa: E731
+        if device == "cuda":
+            from numba import cuda
+
+            from numba_bn._dispatch import backend_named
+            gpu = backend_named("cuda")
+            x, dy = gpu.from_host(x), gpu.from_host(dy)
+            residual = None if residual is None else gpu.from_host(residual)
+            bn.to("cuda")
+            sync = cuda.synchronize
+        bn.train(op != "eval+relu")
+        if op.startswith("backward"):
+            bn(x, residual=residual)
+
+            def run():
+                bn.backward(dy)
+                sync()
+        else:
+            def run():
+                bn(x, residual=residual)
+                sync()
+        run()  # compile (or load from the cache) outside the timing
+        self.run = run
+
+    def time_fused(self, op, shape, device):
+        self.run()
+
+
 class PeakmemBatchNorm:
     """Peak resident memory of a forward and of a backward (inputs included)."""
     params = [["train", "backward"], ["32x64x56x56", "1024x256"], ["cpu", "cuda"]]
