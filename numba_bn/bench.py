@@ -488,6 +488,79 @@ def fused_main(torch, shapes, rounds, probe, use_out, compile_torch):
     return results, missed, wrong
 
 
+# Neighbouring layers that prefer different memory layouts: the arrays of
+# one call in different layouts, against the same call with all of them in
+# the layout of x (issue 29: within 1.25x).
+MIXED_SHAPES = [(32, 64, 56, 56), (32, 512, 7, 7)]
+QUICK_MIXED_SHAPES = [(8, 16, 32, 32)]
+MIXED_TARGET_RATIO = 1.25
+MIXED_LAYOUTS = {  # op: layouts of (x, dy, out) or (x, out), n: NCHW, c: channels-last
+    "backward": ["ncn", "ncc", "nnc", "cnn", "cnc", "ccn"],
+    "train": ["nc", "cn"],
+}
+
+
+def mixed_contenders(op, shape, dtype, layouts):
+    """numba_bn on arrays in ``layouts``, and on the same arrays all in
+    ``x``'s layout ("matched")."""
+    rng = np.random.default_rng(0)
+    names = {"n": "nchw", "c": "channels_last"}
+    arrays = [layout_input(shape, dtype, names[code], rng) for code in layouts]
+    same = [layout_input(shape, dtype, names[layouts[0]], rng)
+            for _ in layouts]
+    for a, b in zip(arrays, same):
+        b[...] = a
+    c = shape[1]
+    w = rng.uniform(0.5, 1.5, c).astype(dtype)
+    b = rng.normal(0, 0.1, c).astype(dtype)
+    if op == "backward":
+        _, mean, invstd = nbn.batch_norm_forward_training(arrays[0], w, b, EPS)
+
+        def call(x, dy, out):
+            return nbn.batch_norm_backward(dy, x, w, mean, invstd, out=out)[0]
+    else:
+        def call(x, out):
+            return nbn.batch_norm_forward_training(x, w, b, EPS, out=out)[0]
+    return {"numba_bn": lambda: call(*arrays), "matched": lambda: call(*same)}
+
+
+def mixed_main(shapes, dtypes, rounds):
+    """The mixed-layout cases: printed, and returned as JSON-ready dicts
+    with the list of missed targets."""
+    print("\nmixed memory layouts (n: NCHW, c: channels-last, in the order "
+          "x, dy, out or x, out) against all arrays in x's layout")
+    header = (f"{'op':9}{'shape':19}{'dtype':8}{'layouts':8}{'mixed':>9}"
+              f"{'matched':>9}{'ratio':>7}  target")
+    print(header)
+    print("-" * len(header))
+    results, missed, wrong = [], [], []
+    for shape in shapes:
+        for dtype in dtypes:
+            for op, combos in MIXED_LAYOUTS.items():
+                for layouts in combos:
+                    contenders = mixed_contenders(op, shape, dtype, layouts)
+                    ours = contenders["numba_bn"]()
+                    same = contenders["matched"]()
+                    if not np.array_equal(ours, same):
+                        wrong.append(f"{op} {shape} {layouts}")
+                    times, _ = time_interleaved(contenders, rounds)
+                    ratio = times["numba_bn"] / times["matched"]
+                    ok = ratio <= MIXED_TARGET_RATIO
+                    if not ok:
+                        missed.append(f"{op} {shape} {np.dtype(dtype).name} "
+                                      f"{layouts}")
+                    print(f"{op:9}{str(shape).replace(' ', ''):19}"
+                          f"{np.dtype(dtype).name:8}{layouts:8}"
+                          f"{fmt_ms(times['numba_bn']):>9}"
+                          f"{fmt_ms(times['matched']):>9}{ratio:7.2f}  "
+                          f"<={MIXED_TARGET_RATIO}x {'ok' if ok else 'MISS'}")
+                    results.append({"op": op, "shape": list(shape),
+                                    "dtype": np.dtype(dtype).name,
+                                    "layouts": layouts, "seconds": times,
+                                    "ratio_to_matched": ratio})
+    return results, missed, wrong
+
+
 GPU_SHAPES = {"float32": (64, 256, 64, 64), "float16": (128, 256, 64, 64)}
 """256 MiB per tensor, so the 50 MB L2 of an H100 does not flatter."""
 SIMULATOR_SHAPES = {"float32": (2, 3, 2, 3), "float16": (3, 3, 2, 2)}
@@ -656,10 +729,11 @@ def main(argv=None):
                         help="leave JAX out even when it is installed")
     parser.add_argument("--json", metavar="PATH",
                         help="also write the results as JSON (for docs/plots)")
-    parser.add_argument("--cases", choices=["all", "plain", "fused"],
+    parser.add_argument("--cases", choices=["all", "plain", "fused", "mixed"],
                         default="all",
                         help="plain: batch norm alone; fused: with the ReLU "
-                             "and residual add (default: both)")
+                             "and residual add; mixed: arrays of one call "
+                             "in different memory layouts (default: all)")
     parser.add_argument("--no-compile", action="store_true",
                         help="leave torch.compile out of the fused cases "
                              "(always out with --quick)")
@@ -699,7 +773,7 @@ def main(argv=None):
     print(f"floor: at the bandwidth of a {probe.src.nbytes >> 20} MiB parallel copy "
           "(read + write, GB/s column) timed before each case")
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    if args.cases == "fused":
+    if args.cases in ("fused", "mixed"):
         shapes = []
     header = (f"{'op':9}{'shape':19}{'dtype':8}{'layout':14}{'numba_bn':>9}"
               f"{'torch':>9}{'jax':>9}{'numpy':>9}{'ratio':>7}{'vs jax':>7}"
@@ -749,14 +823,19 @@ def main(argv=None):
                                     "copy_bandwidth_bytes_per_s": bandwidth,
                                     "floor_share": floor, "faults_per_call": faults,
                                     "max_rel_error_vs_reference": error})
-    fused = []
-    if args.cases != "plain":
+    fused, mixed = [], []
+    if args.cases in ("all", "fused"):
         fused, fused_missed, fused_wrong = fused_main(
             torch, QUICK_FUSED_SHAPES if args.quick else FUSED_SHAPES, rounds,
             probe, args.out,
             torch is not None and not (args.quick or args.no_compile))
         missed += fused_missed
         wrong += fused_wrong
+    if args.cases in ("all", "mixed"):
+        mixed, mixed_missed, mixed_wrong = mixed_main(
+            QUICK_MIXED_SHAPES if args.quick else MIXED_SHAPES, dtypes, rounds)
+        missed += mixed_missed
+        wrong += mixed_wrong
     calls = small_calls(torch, rounds)
     print("\nmodule call (validation, dispatch, launch), float32, training mode:")
     for entry in calls:
@@ -765,10 +844,11 @@ def main(argv=None):
         print(f"  {tuple(entry['shape'])}: numba_bn {entry['numba_bn'] * 1e6:.1f} us"
               + ("" if theirs is None else f", torch {theirs * 1e6:.1f} us") + ratio)
     bandwidths = [r["copy_bandwidth_bytes_per_s"] for r in results + fused]
-    bandwidth = float(np.median(bandwidths))
-    print(f"\ncopy bandwidth over the cases: median {bandwidth / 1e9:.1f} GB/s, "
-          f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}")
-    total = len(results) + len(fused)
+    bandwidth = float(np.median(bandwidths)) if bandwidths else None
+    if bandwidths:
+        print(f"\ncopy bandwidth over the cases: median {bandwidth / 1e9:.1f} "
+              f"GB/s, {min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}")
+    total = len(results) + len(fused) + len(mixed)
     print(f"{total - len(missed)} of {total} cases meet their targets"
           + (f"; missed: {'; '.join(missed)}" if missed else ""))
     if args.json:
@@ -782,6 +862,7 @@ def main(argv=None):
                        "machine": platform.processor() or platform.machine(),
                        "date": time.strftime("%Y-%m-%d"),
                        "cases": results, "fused_cases": fused,
+                       "mixed_layout_cases": mixed,
                        "module_calls": calls}, f, indent=1)
     compiled = compiled_here()
     if compiled:
