@@ -11,6 +11,12 @@ numba_bn's share of the memory-bandwidth floor; it also writes the table
 machine and versions come from the JSON, so a figure always says which run
 it shows.
 
+It also writes ``docs/_data/bench_fused.csv``, the fused cases' table of
+the guide page "Fusing batch norm into your network", from
+``docs/_data/bench_fused.json``, written by::
+
+    python -m numba_bn.bench --cases fused --json docs/_data/bench_fused.json
+
 Run from the repository root: ``python docs/scripts/plot_bench.py``.
 """
 import json
@@ -99,12 +105,40 @@ def write_table(run):
     print("wrote", os.path.normpath(path))
 
 
+FUSED_TITLES = {"train+relu": "training forward, BN + ReLU",
+                "train+add+relu": "training forward, BN + add + ReLU",
+                "eval+relu": "eval forward, BN + ReLU",
+                "backward+relu+add": "backward, ReLU + add + BN"}
+
+
+def write_fused_table(run):
+    """``bench_fused.csv``: per fused case the contenders' times, numba_bn's
+    ratio to PyTorch's steps and its share of the fused pass's floor."""
+    rows = ["operation,numba_bn fused,PyTorch steps,torch.compile,"
+            "numba_bn + NumPy steps,vs PyTorch,% of floor"]
+    for c in run["fused_cases"]:
+        t = c["seconds"]
+
+        def ms(name):
+            return f"{t[name] * 1e3:.1f}" if name in t else "-"
+        rows.append(",".join([
+            '"' + FUSED_TITLES[c["op"]] + '"', ms("numba_bn"), ms("torch"),
+            ms("torch.compile"), ms("numba_bn+numpy"),
+            f"{c['ratio_to_torch']:.2f}x", f"{100 * c['floor_share']:.0f}"]))
+    path = os.path.join(DATA, "bench_fused.csv")
+    with open(path, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    print("wrote", os.path.normpath(path))
+
+
 def main():
     with open(os.path.join(DATA, "bench_cpu.json")) as f:
         run = json.load(f)
     for dtype in sorted({c["dtype"] for c in run["cases"]}):
         plot(run, dtype)
     write_table(run)
+    with open(os.path.join(DATA, "bench_fused.json")) as f:
+        write_fused_table(json.load(f))
 
 
 if __name__ == "__main__":
