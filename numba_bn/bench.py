@@ -567,13 +567,20 @@ SIMULATOR_SHAPES = {"float32": (2, 3, 2, 3), "float16": (3, 3, 2, 2)}
 """Under ``NUMBA_ENABLE_CUDASIM=1`` (CI runs the GPU bench there)."""
 
 
+# The GPU bench's fused cases, with dy standing in as the residual.
+GPU_FUSED_OPERATIONS = ("train+add+relu", "backward+relu+add")
+
+
 def torch_cuda_contender(torch, module, op, x, dy):
-    """PyTorch's CUDA batch norm on the same tensors (None without PyTorch)."""
+    """PyTorch's CUDA batch norm on the same tensors (None without PyTorch);
+    the fused operations as its separate steps, ``relu(bn(x) + dy)``."""
     if module is None:
         return None
-    xg = x.detach().clone().requires_grad_(op == "backward")
-    if op == "backward":
-        y = module(xg)  # the graph is built once; each call runs backward only
+    steps = ((lambda x: torch.relu(module(x) + dy)) if op in GPU_FUSED_OPERATIONS
+             else module)
+    xg = x.detach().clone().requires_grad_(op.startswith("backward"))
+    if op.startswith("backward"):
+        y = steps(xg)  # the graph is built once; each call runs backward only
 
         def run():
             xg.grad = None
@@ -583,7 +590,7 @@ def torch_cuda_contender(torch, module, op, x, dy):
 
     def run():
         with torch.no_grad():
-            return module(xg)
+            return steps(xg)
     return run
 
 
@@ -601,14 +608,19 @@ def gpu_input_maker(torch):
     return lambda host, layout: backend_named("cuda").from_host(host)
 
 
-def gpu_reference(op, x, dy, running_mean, running_var):
+def gpu_reference(op, x, dy, running_mean, running_var, y=None):
     """The NumPy result of ``op`` on float64 host copies ``x``, ``dy`` of
-    the inputs (weight 1, bias 0: the modules' initial parameters)."""
+    the inputs (weight 1, bias 0: the modules' initial parameters); the
+    fused operations add ``dy`` as the residual, and their backward takes
+    the ReLU's mask from the forward's output ``y``."""
     c = x.shape[1]
+    if op == "backward+relu+add":
+        return numpy_backward(dy * (y > 0), x, np.ones(c))
     if op == "backward":
         return numpy_backward(dy, x, np.ones(c))
-    return numpy_forward(x, running_mean, running_var, np.ones(c),
-                         np.zeros(c), op == "train")
+    y = numpy_forward(x, running_mean, running_var, np.ones(c), np.zeros(c),
+                      op.startswith("train"))
+    return np.maximum(y + dy, 0) if op == "train+add+relu" else y
 
 
 def gpu_main(args, torch, shapes=GPU_SHAPES):
@@ -651,7 +663,7 @@ def gpu_main(args, torch, shapes=GPU_SHAPES):
           f"device-to-device copy of {nbytes >> 20} MiB {bandwidth / 1e12:.2f} TB/s"
           + (f"; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}"
              if torch else "; PyTorch (CUDA) not available"))
-    print(f"{'op':9}{'shape':20}{'dtype':8}{'layout':14}{'numba_bn':>9}{'torch':>9}"
+    print(f"{'op':18}{'shape':20}{'dtype':8}{'layout':14}{'numba_bn':>9}{'torch':>9}"
           f"{'ratio':>7}{'roofline':>9}{'error':>9}")
     wrong = 0
     for dtype, shape in shapes.items():
@@ -667,20 +679,30 @@ def gpu_main(args, torch, shapes=GPU_SHAPES):
             x, dy = to_device(x_host, layout), to_device(dy_host, layout)
             c = shape[1]
             # float16 data meets float32 parameters (mixed precision), as in PyTorch AMP.
-            ours = nbn.BatchNorm2d(c, device="cuda", dtype="float32")
+            plain = nbn.BatchNorm2d(c, device="cuda", dtype="float32")
+            fused = nbn.BatchNorm2d(c, device="cuda", dtype="float32",
+                                    activation="relu")
             theirs = torch.nn.BatchNorm2d(c).cuda() if torch is not None else None
-            for op in OPERATIONS:
+            for op in OPERATIONS + GPU_FUSED_OPERATIONS:
+                ours = fused if op in GPU_FUSED_OPERATIONS else plain
+                residual = dy if op in GPU_FUSED_OPERATIONS else None
                 ours.train(op != "eval")
                 if theirs is not None:
                     theirs.train(op != "eval")
-                if op == "backward":
-                    ours(x)
-                    run_ours = lambda out=None: ours.backward(dy, out=out)  # noqa: E731
+                y = None
+                if op.startswith("backward"):
+                    y = np.asarray(backend.to_host(ours(x, residual=residual)),
+                                   np.float64)
+
+                    def run_ours(out=None):
+                        grads = ours.backward(dy, out=out)
+                        return grads if residual is None else grads[0]
                 else:
-                    run_ours = lambda out=None: ours(x, out=out)  # noqa: E731
+                    def run_ours(out=None):
+                        return ours(x, residual=residual, out=out)
                 expected = gpu_reference(op, x64, dy64,
                                          backend.to_host(ours.running_mean),
-                                         backend.to_host(ours.running_var))
+                                         backend.to_host(ours.running_var), y)
                 mine = np.asarray(backend.to_host(
                     run_ours(to_device(poison_host, layout))), np.float64)
                 error = (np.linalg.norm(np.nan_to_num(mine - expected, nan=np.inf))
@@ -702,8 +724,10 @@ def gpu_main(args, torch, shapes=GPU_SHAPES):
                         times["torch"].append(timed(run_torch))
                 med = {k: float(np.median(v)) for k, v in times.items()}
                 ratio = med["numba_bn"] / med["torch"] if "torch" in med else None
-                share = PASSES[op] * x_host.nbytes / bandwidth / med["numba_bn"]
-                print(f"{op:9}{str(shape).replace(' ', ''):20}{dtype:8}{layout:14}"
+                passes = (FUSED_PASSES[op][0] if op in GPU_FUSED_OPERATIONS
+                          else PASSES[op])
+                share = passes * x_host.nbytes / bandwidth / med["numba_bn"]
+                print(f"{op:18}{str(shape).replace(' ', ''):20}{dtype:8}{layout:14}"
                       f"{fmt_ms(med['numba_bn']):>9}{fmt_ms(med.get('torch')):>9}"
                       f"{'-' if ratio is None else f'{ratio:.2f}':>7}{share:9.0%}"
                       f"{error:9.1e}{verdict}")

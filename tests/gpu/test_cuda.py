@@ -257,7 +257,9 @@ def test_gpu_bench_checks_and_times_every_case(capsys):
     shapes = {"float32": (2, 3, 2, 3), "float16": (3, 3, 2, 2)}
     assert bench.gpu_main(args, None, shapes) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 + 2 * 2 * 3
+    # dtypes x layouts x (3 operations + 2 fused ones)
+    assert len(lines) == 2 + 2 * 2 * (3 + 2)
+    assert sum("relu" in line for line in lines) == 2 * 2 * 2
     assert all("WRONG" not in line for line in lines)
 
 
