@@ -439,16 +439,22 @@ def torch_fused_contenders(torch, op, x, residual, dy, w, b, rm, rv,
     return contenders
 
 
+def print_header(title, header):
+    """A table's title (when there is one), column header and rule."""
+    if title:
+        print(title)
+    print(header)
+    print("-" * len(header))
+
+
 def fused_main(torch, shapes, rounds, probe, use_out, compile_torch):
     """The fused cases: printed, and returned as JSON-ready dicts with the
     list of missed targets."""
-    print("\nfused batch norm + ReLU (+ residual add), float32 NCHW; floor: "
-          "the fused byte count's share of the copy bandwidth")
-    header = (f"{'op':19}{'shape':19}{'numba_bn':>9}{'torch':>9}"
-              f"{'compile':>9}{'nb+numpy':>9}{'ratio':>7}{'GB/s':>6}"
-              f"{'floor':>7}  target")
-    print(header)
-    print("-" * len(header))
+    print_header("\nfused batch norm + ReLU (+ residual add), float32 NCHW; "
+                 "floor: the fused byte count's share of the copy bandwidth",
+                 f"{'op':19}{'shape':19}{'numba_bn':>9}{'torch':>9}"
+                 f"{'compile':>9}{'nb+numpy':>9}{'ratio':>7}{'GB/s':>6}"
+                 f"{'floor':>7}  target")
     results, missed, wrong = [], [], []
     for shape in shapes:
         for op in FUSED_PASSES:
@@ -527,12 +533,11 @@ def mixed_contenders(op, shape, dtype, layouts):
 def mixed_main(shapes, dtypes, rounds):
     """The mixed-layout cases: printed, and returned as JSON-ready dicts
     with the list of missed targets."""
-    print("\nmixed memory layouts (n: NCHW, c: channels-last, in the order "
-          "x, dy, out or x, out) against all arrays in x's layout")
-    header = (f"{'op':9}{'shape':19}{'dtype':8}{'layouts':8}{'mixed':>9}"
-              f"{'matched':>9}{'ratio':>7}  target")
-    print(header)
-    print("-" * len(header))
+    print_header("\nmixed memory layouts (n: NCHW, c: channels-last, in the "
+                 "order x, dy, out or x, out) against all arrays in x's "
+                 "layout",
+                 f"{'op':9}{'shape':19}{'dtype':8}{'layouts':8}{'mixed':>9}"
+                 f"{'matched':>9}{'ratio':>7}  target")
     results, missed, wrong = [], [], []
     for shape in shapes:
         for dtype in dtypes:
@@ -803,11 +808,11 @@ def main(argv=None):
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.cases in ("fused", "mixed"):
         shapes = []
-    header = (f"{'op':9}{'shape':19}{'dtype':8}{'layout':14}{'numba_bn':>9}"
-              f"{'torch':>9}{'jax':>9}{'numpy':>9}{'ratio':>7}{'vs jax':>7}"
-              f"{'GB/s':>6}{'floor':>7}{'faults':>8}  target")
-    print(header)
-    print("-" * len(header))
+    if shapes:
+        print_header(
+            None, f"{'op':9}{'shape':19}{'dtype':8}{'layout':14}{'numba_bn':>9}"
+            f"{'torch':>9}{'jax':>9}{'numpy':>9}{'ratio':>7}{'vs jax':>7}"
+            f"{'GB/s':>6}{'floor':>7}{'faults':>8}  target")
     dtypes = [np.float32] if args.quick else [np.float32, np.float64]
     results, wrong, missed = [], [], []
     for shape in shapes:
