@@ -135,11 +135,18 @@ class Case:
 
     def check(self):
         """Compare numba_bn's result with PyTorch's (or NumPy's); return the error."""
-        reference = self.contenders.get("torch", self.contenders["numpy"])()
-        ours = np.asarray(self.contenders["numba_bn"](), np.float64)
-        reference = np.asarray(reference, np.float64)
-        return float(np.abs(ours - reference).max()
-                     / max(np.abs(reference).max(), 1e-30))
+        return relative_error(
+            self.contenders["numba_bn"](),
+            self.contenders.get("torch", self.contenders["numpy"])())
+
+
+def relative_error(ours, reference):
+    """The largest difference from ``reference``, relative to its largest
+    magnitude."""
+    ours = np.asarray(ours, np.float64)
+    reference = np.asarray(reference, np.float64)
+    return float(np.abs(ours - reference).max()
+                 / max(np.abs(reference).max(), 1e-30))
 
 
 def numpy_forward(x, rm, rv, w, b, training):
@@ -389,12 +396,9 @@ class FusedCase:
     def check(self):
         """numba_bn's result against PyTorch's steps (or its own NumPy
         steps); the relative error."""
-        reference = self.contenders.get("torch",
-                                        self.contenders["numba_bn+numpy"])()
-        ours = np.asarray(self.contenders["numba_bn"](), np.float64)
-        reference = np.asarray(reference, np.float64)
-        return float(np.abs(ours - reference).max()
-                     / max(np.abs(reference).max(), 1e-30))
+        return relative_error(
+            self.contenders["numba_bn"](),
+            self.contenders.get("torch", self.contenders["numba_bn+numpy"])())
 
 
 def torch_fused_contenders(torch, op, x, residual, dy, w, b, rm, rv,
@@ -544,11 +548,9 @@ def mixed_main(shapes, dtypes, rounds):
             for op, combos in MIXED_LAYOUTS.items():
                 for layouts in combos:
                     contenders = mixed_contenders(op, shape, dtype, layouts)
-                    ours = np.asarray(contenders["numba_bn"](), np.float64)
-                    same = np.asarray(contenders["matched"](), np.float64)
                     # Other kernels may sum in another order: rounding only.
-                    error = (np.abs(ours - same).max()
-                             / max(np.abs(same).max(), 1e-30))
+                    error = relative_error(contenders["numba_bn"](),
+                                           contenders["matched"]())
                     if error > (1e-4 if dtype == np.float32 else 1e-9):
                         wrong.append(f"{op} {shape} {layouts}")
                     times, _ = time_interleaved(contenders, rounds)
@@ -566,7 +568,7 @@ def mixed_main(shapes, dtypes, rounds):
                                     "dtype": np.dtype(dtype).name,
                                     "layouts": layouts, "seconds": times,
                                     "ratio_to_matched": ratio,
-                                    "max_rel_error_vs_matched": float(error)})
+                                    "max_rel_error_vs_matched": error})
     return results, missed, wrong
 
 
