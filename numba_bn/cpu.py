@@ -23,6 +23,13 @@ channel per iteration (``_forward_per_channel``,
 ``_plane_affine``) with the per-channel formulas between them, so the
 second pass reads the cache, not memory.
 
+Arrays of one call in another memory layout than ``x`` (NCHW beside
+channels-last, or the reverse) are copied into ``x``'s first, and an
+``out`` in the other one is written through a stand-in
+(``_in_other_layout``): ``_transposed_copy`` moves them in register-sized
+blocks, where a pass reading across layouts would walk one array with a
+stride.
+
 Dense outputs of passes too large for the cache are written with
 nontemporal stores (``_store_streaming``, ``_STREAM_WORKING_SET``): they
 skip reading each cache line before writing it, a third of the traffic of
@@ -197,6 +204,101 @@ def _address(typingctx, array, index):
         return builder.ptrtoint(pointer, context.get_value_type(
             numba_types.intp))
     return numba_types.intp(array, index), codegen
+
+
+# Vector bytes of a transposed block: AVX's 256-bit registers, 8 x 8
+# float32 or 4 x 4 float64 values per ``_transpose_block``.
+_BLOCK_BYTES = 32
+
+
+def _shuffle_mask(indices):
+    """An LLVM ``<n x i32>`` constant: ``shufflevector``'s element choice."""
+    return ir.Constant(ir.VectorType(ir.IntType(32), len(indices)),
+                       [ir.Constant(ir.IntType(32), i) for i in indices])
+
+
+# The in-lane interleaves of a 4 x 4 float32 transpose in each 128-bit half
+# (x86's unpcklps/unpckhps, then shufps) and of a 2 x 2 float64 one
+# (unpcklpd/unpckhpd): one instruction each, where masks that cross the
+# halves cost several on AVX without AVX2.
+_IN_LANE_STAGES = {
+    8: ([0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15],
+        [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]),
+    4: ([0, 4, 2, 6], [1, 5, 3, 7]),
+}
+
+
+@intrinsic
+def _transpose_block(typingctx, src, src_index, src_step, dst, dst_index,
+                     dst_step):
+    """``dst[dst_index + j * dst_step + i] = src[src_index + i * src_step +
+    j]`` for the ``B x B`` block, ``B = _BLOCK_BYTES / itemsize``, of
+    float32 or float64 arrays; indices as in ``_item_pointer``, steps in
+    elements.
+
+    Each row is loaded in two halves so that the halves of rows ``i`` and
+    ``i + B/2`` share a register; the block then transposes within the
+    128-bit halves (``_IN_LANE_STAGES``) and needs no cross-half shuffle:
+    2 shuffles per register of float32, 1 of float64.
+    """
+    if src.dtype != dst.dtype or src.dtype not in (numba_types.float32,
+                                                   numba_types.float64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        item = signature.args[0].dtype.bitwidth // 8
+        width = _BLOCK_BYTES // item
+        half = width // 2
+        element = context.get_value_type(signature.args[0].dtype)
+        vector = ir.VectorType(element, width)
+        half_vector = ir.VectorType(element, half)
+        src_pointer = _item_pointer(context, builder, signature, args)
+        dst_pointer = _item_pointer(
+            context, builder, signature.replace(args=signature.args[3:]),
+            args[3:])
+        src_step, dst_step = args[2], args[5]
+
+        def load_half(row, column):
+            offset = builder.add(
+                builder.mul(src_step, ir.Constant(src_step.type, row)),
+                ir.Constant(src_step.type, column))
+            pointer = builder.gep(src_pointer, [offset])
+            return builder.load(
+                builder.bitcast(pointer, half_vector.as_pointer()),
+                align=item)
+
+        joined = _shuffle_mask(range(width))
+        rows = [builder.shuffle_vector(load_half(i % half, i // half * half),
+                                       load_half(i % half + half,
+                                                 i // half * half), joined)
+                for i in range(width)]
+        stages = [_shuffle_mask(m) for m in _IN_LANE_STAGES[width]]
+        columns = []
+        # Register i holds columns i // half * half on: transpose each
+        # group of ``half`` registers within the 128-bit halves.
+        for group in range(0, width, half):
+            r = rows[group:group + half]
+            if width == 4:
+                columns += [builder.shuffle_vector(r[0], r[1], stages[0]),
+                            builder.shuffle_vector(r[0], r[1], stages[1])]
+                continue
+            low = [builder.shuffle_vector(r[k], r[k + 1], stages[0])
+                   for k in (0, 2)]
+            high = [builder.shuffle_vector(r[k], r[k + 1], stages[1])
+                    for k in (0, 2)]
+            columns += [builder.shuffle_vector(low[0], low[1], stages[2]),
+                        builder.shuffle_vector(low[0], low[1], stages[3]),
+                        builder.shuffle_vector(high[0], high[1], stages[2]),
+                        builder.shuffle_vector(high[0], high[1], stages[3])]
+        for j, column in enumerate(columns):
+            pointer = builder.gep(dst_pointer, [
+                builder.mul(dst_step, ir.Constant(dst_step.type, j))])
+            builder.store(column, builder.bitcast(pointer,
+                                                  vector.as_pointer()),
+                          align=item)
+        return context.get_dummy_value()
+    return (numba_types.void(src, src_index, src_step, dst, dst_index,
+                             dst_step), codegen)
 
 
 def _item_pointer(context, builder, signature, args):
@@ -718,6 +820,44 @@ def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, with_dy, relu,
                           outp, p, per_chunk, False)
 
 
+# Tiles of a transposed copy, elements a side: a float32 tile of the source
+# and of the destination, 16 KiB each, stay in a core's L1 cache while its
+# blocks go through the registers, and each of its lines is 256 bytes of
+# consecutive memory, long enough for the hardware prefetchers.
+_TRANSPOSE_TILE = 64
+
+
+@njit(parallel=True, cache=True)
+def _transposed_copy(src3, dst3):
+    """``dst3[n, j, i] = src3[n, i, j]`` for C-contiguous ``(N, A, B)``
+    ``src3`` and ``(N, B, A)`` ``dst3``: NCHW data to channels-last and
+    back (see ``_relaid``), in ``_TRANSPOSE_TILE`` tiles of
+    ``_transpose_block`` blocks, the ragged edges element by element."""
+    n_samples, rows, cols = src3.shape
+    width = _BLOCK_BYTES // src3.itemsize
+    row_tiles = -(-rows // _TRANSPOSE_TILE)
+    col_tiles = -(-cols // _TRANSPOSE_TILE)
+    tiles = row_tiles * col_tiles
+    block_rows = rows - rows % width
+    block_cols = cols - cols % width
+    for t in prange(n_samples * tiles):
+        n = t // tiles
+        row_tile = (t - n * tiles) // col_tiles
+        first_row = row_tile * _TRANSPOSE_TILE
+        first_col = (t - n * tiles - row_tile * col_tiles) * _TRANSPOSE_TILE
+        stop_row = min(rows, first_row + _TRANSPOSE_TILE)
+        stop_col = min(cols, first_col + _TRANSPOSE_TILE)
+        for i in range(first_row, min(stop_row, block_rows), width):
+            for j in range(first_col, min(stop_col, block_cols), width):
+                _transpose_block(src3, (n, i, j), cols, dst3, (n, j, i),
+                                 rows)
+        for i in range(first_row, stop_row):
+            edge = first_col if i >= block_rows else max(first_col,
+                                                         block_cols)
+            for j in range(edge, stop_col):
+                dst3[n, j, i] = src3[n, i, j]
+
+
 @register_jitable
 def _row_totals(psum, psumprod):
     """``(1, C)`` sums of the rows of two ``(P, C)`` partial-sum arrays.
@@ -854,7 +994,8 @@ def _serial_twin(kernel):
 _SERIAL_TWINS = {kernel: _serial_twin(kernel)
                  for kernel in (_channel_partials, _channel_partials_rows,
                                 _affine_pass, _affine_pass_rows,
-                                _forward_per_channel, _backward_per_channel)}
+                                _forward_per_channel, _backward_per_channel,
+                                _transposed_copy)}
 _launch_lock = threading.Lock()
 _parallel_unsafe = False
 
@@ -1069,10 +1210,86 @@ def _to_dtype(a, dtype):
 
 
 def _write_back(target, computed):
-    """Copy results computed in a float32 stand-in back into ``target``."""
-    if computed is not target:
-        with np.errstate(over="ignore"):
-            target[...] = computed
+    """Copy results computed in a stand-in (float32 for float16, or in
+    ``x``'s memory layout: ``_in_other_layout``) back into ``target``."""
+    if computed is target:
+        return
+    layout = _dense_layout(computed)
+    if (computed.dtype == target.dtype and layout is not None
+            and _dense_layout(target) is (not layout)):
+        _relayout_copy(computed, target)
+        return
+    with np.errstate(over="ignore"):
+        target[...] = computed
+
+
+def _channels_last_axes(ndim):
+    """The axes of an ``(N, C, *spatial)`` array with the channel axis last."""
+    return (0, *range(2, ndim), 1)
+
+
+def _dense_layout(a):
+    """True for a dense channels-last ``(N, C, *spatial)`` array, False for
+    a C-contiguous one; None for neither, for both (a single channel or
+    position) and below 3 dimensions."""
+    if a.ndim < 3:
+        return None
+    planes = a.flags.c_contiguous
+    rows = a.transpose(_channels_last_axes(a.ndim)).flags.c_contiguous
+    return None if planes == rows else rows
+
+
+def _in_other_layout(inputs, out):
+    """Where a pass mixes dense NCHW and dense channels-last arrays: the
+    indices of the inputs in the other layout than ``x`` (``inputs[0]``),
+    and whether ``out`` (None: one like ``x``) is in it.
+
+    The kernels then see every array in ``x``'s layout: those inputs
+    through copies (``_relaid``), such an ``out`` through a stand-in that
+    ``_write_back`` copies, so that the results are those of the call with
+    every array in ``x``'s layout, to the last bit, whatever ``out`` is. A
+    kernel reading across layouts walks one array with the stride of a
+    channel or of a plane, 3-10x slower than a pass; a transposed copy
+    costs about two passes.
+    """
+    layout = _dense_layout(inputs[0])
+    if layout is None:
+        return (), False
+    other = not layout
+    return (tuple(i for i, a in enumerate(inputs) if _dense_layout(a) is other),
+            out is not None and _dense_layout(out) is other)
+
+
+def _empty_in_layout(shape, dtype, channels_last):
+    """A new ``(N, C, *spatial)`` array, channels-last or C-contiguous."""
+    if not channels_last:
+        return np.empty(shape, dtype)
+    axes = _channels_last_axes(len(shape))
+    return np.empty([shape[axis] for axis in axes], dtype).transpose(
+        np.argsort(axes))
+
+
+def _relayout_copy(src, dst):
+    """``dst[...] = src`` for arrays of one shape and dtype, one C-contiguous
+    and the other dense channels-last (``_dense_layout``)."""
+    n_samples, n_channels = src.shape[:2]
+    positions = src.size // max(1, n_samples * n_channels)
+    axes = _channels_last_axes(src.ndim)
+    planes = (n_samples, n_channels, positions)
+    rows = (n_samples, positions, n_channels)
+    # Reshapes of C-contiguous arrays: views, so the kernel writes dst.
+    if src.flags.c_contiguous:
+        src3, dst3 = src.reshape(planes), dst.transpose(axes).reshape(rows)
+    else:
+        src3, dst3 = src.transpose(axes).reshape(rows), dst.reshape(planes)
+    _launch(_transposed_copy, src3, dst3)
+
+
+def _relaid(a, channels_last):
+    """A copy of dense ``a`` in the other layout (``channels_last`` or not)."""
+    copy = _empty_in_layout(a.shape, a.dtype, channels_last)
+    _relayout_copy(a, copy)
+    return copy
 
 
 def _views(inputs, out):
@@ -1095,7 +1312,7 @@ def _views(inputs, out):
         ``(N, C, R, S)`` (see ``_layout``), or, where ``rows_layout``,
         ``(N, R, S, C)`` or one line of rows (``_plan_views``).
         Inputs are copied only where their spatial axes do not merge into
-        two.
+        two, or into ``x``'s layout (``_in_other_layout``).
     rows_layout : bool
         Whether the channel axis is the contiguous one (channels-last,
         ``(N, C)``): the kernels then walk positions, not planes. Decided
@@ -1110,9 +1327,12 @@ def _views(inputs, out):
         if len(_VIEW_PLANS) >= _VIEW_PLANS_KEPT:
             _VIEW_PLANS.clear()
         plan = _VIEW_PLANS[key] = _plan_views(inputs, out, writes_out)
-    copies, allocation, shape4, rows_layout, dense_rows = plan
+    copies, allocation, shape4, rows_layout, dense_rows, minority = plan
     if copies:
         inputs = [np.ascontiguousarray(a) for a in inputs]
+    if minority:
+        inputs = [_relaid(a, rows_layout) if i in minority else a
+                  for i, a in enumerate(inputs)]
     target = out if allocation is None else _allocate(allocation, dtype)
     arrays = (*inputs, target)
     # Reshapes are views here (the plan found that the axes merge) and far
@@ -1162,11 +1382,22 @@ def _plan_views(inputs, out, writes_out):
         values costs a slice per 16 values. The kernels tile per-channel
         vectors to the rows' width (``_tiled``), and their partial sums come
         out per position of a row.
+    minority : tuple of int
+        The inputs that ``_views`` copies into ``x``'s layout
+        (``_in_other_layout``).
     """
     dtype = inputs[0].dtype
     allocation = None if writes_out else _allocation(
         inputs[0] if out is None else out)
-    target = out if writes_out else _allocate(allocation, dtype)
+    minority, out_in_other_layout = _in_other_layout(inputs, out)
+    if minority:
+        # Plan with arrays like their copies in x's layout.
+        channels_last = _dense_layout(inputs[0])
+        inputs = [_empty_in_layout(a.shape, dtype, channels_last)
+                  if i in minority else a for i, a in enumerate(inputs)]
+    if out_in_other_layout:
+        allocation = _allocation(inputs[0])
+    target = out if allocation is None else _allocate(allocation, dtype)
     arrays = [*inputs, target]
     copies = False
     if all([a.flags.c_contiguous for a in arrays]):
@@ -1186,7 +1417,7 @@ def _plan_views(inputs, out, writes_out):
                                           tuple(a.strides for a in arrays))
         shape4 = geometry[0]
     if not is_channels_last(shape4, arrays[0].reshape(shape4).strides):
-        return copies, allocation, shape4, False, None
+        return copies, allocation, shape4, False, None, minority
     # The arrays with their channel axis last: (N, R, S, C) walks.
     channel_last = (0, *range(2, target.ndim), 1)
     walks = [a.transpose(channel_last) for a in arrays]
@@ -1197,14 +1428,15 @@ def _plan_views(inputs, out, writes_out):
         # stand-in like the input, which ``_deliver`` copies into ``out``.
         allocation = _allocation(inputs[0])
     elif not all([w.flags.c_contiguous for w in walks]):
-        return copies, allocation, shape4, True, None
+        return copies, allocation, shape4, True, None, minority
     n_channels = target.shape[1]
     positions = target.size // max(1, n_channels)
     group = max(1, _ROWS_MIN_LENGTH // n_channels)
     while positions % group:
         group -= 1
     return (copies, allocation, shape4, True,
-            (channel_last, (1, 1, positions // group, group * n_channels)))
+            (channel_last, (1, 1, positions // group, group * n_channels)),
+            minority)
 
 
 def _deliver(target, dtype, out):
@@ -1436,8 +1668,11 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
     """
     x_compute, dy_compute, weight = _computable_like(x, dy, weight)
     n_channels = x.shape[1]
-    # Statistics are not validated against x's dtype.
-    save_mean, save_invstd = _computable(save_mean, save_invstd)
+    # Statistics are not validated against x's dtype: numba_bn's forward
+    # returns float64 ones, PyTorch's the input's dtype. The kernels sum
+    # about a float64 mean.
+    save_mean, save_invstd = [np.asarray(a, np.float64)
+                              for a in (save_mean, save_invstd)]
     count = x.size // n_channels
     grad_output = dy
     if y is not None:

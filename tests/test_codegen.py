@@ -4,6 +4,7 @@ A pass that LLVM leaves scalar still gives the right numbers, several times
 slower, so no other test notices: the channel-innermost affine pass's serial
 twin (every input under 32768 elements, and every pass of a forked child)
 once ran 4x slower for it. This reads the machine code instead of timing it.
+The transposed copy of mixed layouts must likewise move whole vectors.
 """
 import os
 import platform
@@ -33,11 +34,15 @@ SCRIPT = textwrap.dedent("""
         y, mean, invstd = nbn.batch_norm_forward_training(x, ones, ones)
         nbn.batch_norm_backward(y, x, ones, mean, invstd)
         nbn.batch_norm(x, ones, ones, ones, ones)
+    # dy in the other layout than x: a transposed copy.
+    nbn.batch_norm_backward(inputs[3].astype(np.float32), inputs[1].astype(
+        np.float32), None, np.zeros(16), np.ones(16))
     for kernel, twin in cpu._SERIAL_TWINS.items():
         for signature in twin.signatures:
             asm = twin.inspect_asm(signature)
-            # float32 -> float64 conversions of several values at once
-            print(twin.__name__, asm.count("cvtps2pd"))
+            # float32 -> float64 conversions of several values at once;
+            # in-lane shuffles of whole vectors (the transposed blocks)
+            print(twin.__name__, asm.count("cvtps2pd"), asm.count("vunpcklps"))
 """)
 
 
@@ -48,10 +53,13 @@ def test_serial_passes_convert_float32_in_vectors(tmp_path):
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True,
         timeout=300, env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stdout + done.stderr
-    counts = [line.split() for line in done.stdout.splitlines()]
-    assert {name for name, _ in counts} == {
+    counts = {name: (int(conversions), int(shuffles)) for name, conversions,
+              shuffles in (line.split() for line in done.stdout.splitlines())}
+    copy = counts.pop("_transposed_copy_serial")
+    assert set(counts) == {
         "_channel_partials_serial", "_channel_partials_rows_serial",
         "_affine_pass_serial", "_affine_pass_rows_serial",
         "_forward_per_channel_serial", "_backward_per_channel_serial"}
-    scalar = [name for name, count in counts if int(count) == 0]
+    scalar = [name for name, (conversions, _) in counts.items() if conversions == 0]
     assert not scalar, f"LLVM left these passes scalar: {scalar}"
+    assert copy[1] > 0, "the transposed copy's blocks went through no vector shuffle"

@@ -1,0 +1,174 @@
+"""Calls whose arrays mix NCHW and channels-last memory: every combination
+against the float64 reference, outputs in the layout asked for, and the
+transposed copy that brings the minority arrays to the others' layout."""
+import itertools
+
+import numpy as np
+import pytest
+
+import numba_bn as nbn
+from numba_bn import cpu
+
+from . import reference as ref
+from .conftest import TOLERANCE
+
+# Channels and positions that leave ragged edges around the transposed
+# blocks (8 x 8 float32, 4 x 4 float64), one size for the parallel kernels,
+# and 3-d and 5-d inputs.
+SHAPES = [(3, 11, 5, 7), (4, 20, 30, 30), (5, 9, 13), (2, 6, 3, 4, 5)]
+
+
+def in_layout(a, channels_last):
+    """A copy of ``a`` in dense channels-last memory, or in C order."""
+    if not channels_last:
+        return a.copy()
+    return np.ascontiguousarray(np.moveaxis(a, 1, -1)).transpose(
+        0, a.ndim - 1, *range(1, a.ndim - 1))
+
+
+def is_channels_last(a):
+    return np.moveaxis(a, 1, -1).flags.c_contiguous and not a.flags.c_contiguous
+
+
+def empty(shape, dtype, channels_last):
+    return in_layout(np.full(shape, np.nan, dtype), channels_last)
+
+
+def close(ours, expected, dtype):
+    tol = TOLERANCE[np.dtype(dtype).type]
+    np.testing.assert_allclose(np.asarray(ours, np.float64), expected,
+                               rtol=tol, atol=tol * 10)
+
+
+def parameters(rng, shape, dtype):
+    param_dtype = np.float32 if dtype == np.float16 else dtype
+    weight = rng.normal(1.0, 0.3, shape[1]).astype(param_dtype)
+    bias = rng.normal(0.0, 1.0, shape[1]).astype(param_dtype)
+    return weight, bias
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_in_every_layout_combination(rng, shape, dtype):
+    x_values = rng.normal(2.0, 3.0, shape).astype(dtype)
+    dy_values = rng.normal(0.0, 1.0, shape).astype(dtype)
+    weight, _ = parameters(rng, shape, dtype)
+    mean, var = ref.batch_stats(x_values)
+    save_mean = mean.astype(dtype)
+    save_invstd = (1.0 / np.sqrt(var + 1e-5)).astype(dtype)
+    expected = ref.backward_batch_stats(dy_values, x_values, weight)
+    for x_cl, dy_cl, out_cl in itertools.product([False, True], repeat=3):
+        x, dy = in_layout(x_values, x_cl), in_layout(dy_values, dy_cl)
+        out = empty(shape, dtype, out_cl)
+        dx, grad_weight, grad_bias = nbn.batch_norm_backward(
+            dy, x, weight, save_mean, save_invstd, out=out)
+        assert dx is out
+        close(dx, expected[0], dtype)
+        close(grad_weight, expected[1], dtype)
+        close(grad_bias, expected[2], dtype)
+        # The kernels run in x's layout: bit for bit the matched call.
+        matched = nbn.batch_norm_backward(in_layout(dy_values, x_cl), x, weight,
+                                          save_mean, save_invstd)
+        np.testing.assert_array_equal(dx, matched[0])
+        np.testing.assert_array_equal(grad_weight, matched[1])
+        # Without out=, the gradient comes in x's layout.
+        dx = nbn.batch_norm_backward(dy, x, weight, save_mean, save_invstd)[0]
+        assert is_channels_last(dx) == x_cl
+        close(dx, expected[0], dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_forward_in_every_layout_combination(rng, shape, dtype):
+    x_values = rng.normal(2.0, 3.0, shape).astype(dtype)
+    residual_values = rng.normal(0.0, 1.0, shape).astype(dtype)
+    weight, bias = parameters(rng, shape, dtype)
+    mean, var = ref.batch_stats(x_values)
+    running = mean.astype(weight.dtype), (2 * var).astype(weight.dtype)
+    trained = ref.forward(x_values, mean, var, weight, bias)
+    evaluated = ref.forward(x_values, *running, weight, bias)
+    fused = np.maximum(trained + residual_values.astype(np.float64), 0.0)
+    for x_cl, residual_cl, out_cl in itertools.product([False, True],
+                                                       repeat=3):
+        x = in_layout(x_values, x_cl)
+        residual = in_layout(residual_values, residual_cl)
+        out = empty(shape, dtype, out_cl)
+        y, _, _ = nbn.batch_norm_forward_training(x, weight, bias, out=out)
+        assert y is out
+        close(y, trained, dtype)
+        out = empty(shape, dtype, out_cl)
+        assert nbn.batch_norm(x, *running, weight, bias, out=out) is out
+        close(out, evaluated, dtype)
+        y, _, _ = nbn.batch_norm_forward_training(
+            x, weight, bias, activation="relu", residual=residual)
+        assert is_channels_last(y) == x_cl
+        close(y, fused, dtype)
+        # ResNets write the sum into the residual itself.
+        residual = in_layout(residual_values, residual_cl)
+        y, _, _ = nbn.batch_norm_forward_training(
+            x, weight, bias, activation="relu", residual=residual,
+            out=residual)
+        assert y is residual
+        close(y, fused, dtype)
+
+
+@pytest.mark.parametrize("shape", [(3, 11, 5, 7), (4, 20, 30, 30)])
+def test_fused_backward_in_every_layout_combination(rng, shape):
+    dtype = np.float32
+    x_values = rng.normal(0.5, 2.0, shape).astype(dtype)
+    dy_values = rng.normal(0.0, 1.0, shape).astype(dtype)
+    weight, bias = parameters(rng, shape, dtype)
+    y_values, save_mean, save_invstd = nbn.batch_norm_forward_training(
+        x_values, weight, bias, activation="relu")
+    g = dy_values.astype(np.float64) * (y_values > 0)
+    expected = ref.backward_batch_stats(g, x_values, weight)
+    for x_cl, dy_cl, y_cl in itertools.product([False, True], repeat=3):
+        dx, grad_weight, _, d_residual = nbn.batch_norm_backward(
+            in_layout(dy_values, dy_cl), in_layout(x_values, x_cl), weight,
+            save_mean, save_invstd, activation="relu",
+            y=in_layout(y_values, y_cl), residual=True)
+        close(dx, expected[0], dtype)
+        close(grad_weight, expected[1], dtype)
+        close(d_residual, g, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("serial", [True, False])
+def test_transposed_copy_moves_every_element_once(rng, dtype, serial,
+                                                  monkeypatch):
+    # Whole blocks, ragged edges in either axis or both, tiles of one
+    # block and several, and nothing written around the destination.
+    monkeypatch.setattr(cpu, "_SERIAL_BELOW", 2**62 if serial else 0)
+    for rows, cols in [(8, 8), (1, 1), (3, 130), (130, 3), (49, 512),
+                       (64, 200), (67, 9), (200, 67)]:
+        src = rng.normal(size=(3, rows, cols)).astype(dtype)
+        buffer = np.full(3 * rows * cols + 2, np.nan, dtype)
+        dst = buffer[1:-1].reshape(3, cols, rows)
+        cpu._launch(cpu._transposed_copy, src, dst)
+        np.testing.assert_array_equal(dst, src.transpose(0, 2, 1))
+        assert np.isnan(buffer[[0, -1]]).all()
+
+
+def test_arrays_in_the_other_layout_are_copied_once_inputs_left_alone(rng,
+                                                               monkeypatch):
+    # One transposed copy per array in the other layout than x's (an
+    # input, or the out= written through a stand-in), none when the layouts
+    # match; the caller's inputs are never written.
+    copies = []
+    real = cpu._relayout_copy
+    monkeypatch.setattr(cpu, "_relayout_copy",
+                        lambda src, dst: (copies.append(1), real(src, dst)))
+    shape = (4, 20, 30, 30)
+    x_values = rng.normal(size=shape).astype(np.float32)
+    dy_values = rng.normal(size=shape).astype(np.float32)
+    _, save_mean, save_invstd = nbn.batch_norm_forward_training(x_values, None, None)
+    for layouts, expected in [("nnn", 0), ("ccc", 0), ("ncn", 1), ("nnc", 1),
+                              ("cnn", 2), ("ccn", 1), ("ncc", 2), ("cnc", 1)]:
+        x, dy, out = [in_layout(v, code == "c") for v, code
+                      in zip((x_values, dy_values, np.empty(shape, np.float32)), layouts)]
+        before = x.copy(), dy.copy()
+        copies.clear()
+        nbn.batch_norm_backward(dy, x, None, save_mean, save_invstd, out=out)
+        assert len(copies) == expected, layouts
+        np.testing.assert_array_equal(x, before[0])
+        np.testing.assert_array_equal(dy, before[1])
