@@ -17,6 +17,11 @@ the guide page "Fusing batch norm into your network", from
 
     python -m numba_bn.bench --cases fused --json docs/_data/bench_fused.json
 
+and ``docs/_data/bench_mixed.csv``, the performance page's table of calls
+whose arrays mix memory layouts, from ``docs/_data/bench_mixed.json``::
+
+    python -m numba_bn.bench --cases mixed --json docs/_data/bench_mixed.json
+
 Run from the repository root: ``python docs/scripts/plot_bench.py``.
 """
 import json
@@ -131,6 +136,30 @@ def write_fused_table(run):
     print("wrote", os.path.normpath(path))
 
 
+MIXED_TITLES = {"backward": "backward", "train": "training forward"}
+MIXED_ARRAYS = {"backward": "x, dy, out", "train": "x, out"}
+LAYOUT_NAMES = {"n": "NCHW", "c": "CL"}
+
+
+def write_mixed_table(run):
+    """``bench_mixed.csv``: per mixed-layout case the time with the arrays
+    as given and with all of them in ``x``'s layout, and their ratio."""
+    rows = ["operation,shape,dtype,arrays,layouts,as given (ms),"
+            "all in x's layout (ms),ratio"]
+    for c in run["mixed_layout_cases"]:
+        t = c["seconds"]
+        rows.append(",".join([
+            MIXED_TITLES[c["op"]], '"' + "x".join(map(str, c["shape"])) + '"',
+            c["dtype"], '"' + MIXED_ARRAYS[c["op"]] + '"',
+            '"' + ", ".join(LAYOUT_NAMES[code] for code in c["layouts"]) + '"',
+            f"{t['numba_bn'] * 1e3:.2f}", f"{t['matched'] * 1e3:.2f}",
+            f"{c['ratio_to_matched']:.2f}x"]))
+    path = os.path.join(DATA, "bench_mixed.csv")
+    with open(path, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    print("wrote", os.path.normpath(path))
+
+
 def main():
     with open(os.path.join(DATA, "bench_cpu.json")) as f:
         run = json.load(f)
@@ -139,6 +168,8 @@ def main():
     write_table(run)
     with open(os.path.join(DATA, "bench_fused.json")) as f:
         write_fused_table(json.load(f))
+    with open(os.path.join(DATA, "bench_mixed.json")) as f:
+        write_mixed_table(json.load(f))
 
 
 if __name__ == "__main__":
