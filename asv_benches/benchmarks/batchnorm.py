@@ -145,6 +145,35 @@ class TimeFused:
         self.run()
 
 
+class TimeMixedLayouts:
+    """Calls whose arrays mix NCHW (n) and channels-last (c) memory, in the
+    order x, dy, out (backward) or x, out (training forward), against which
+    the matched layouts of ``TimeBatchNorm`` are the reference (CPU)."""
+    params = [["backward:ncn", "backward:nnc", "backward:cnn", "backward:ccn",
+               "train:nc", "train:cn"], ["32x64x56x56", "32x512x7x7"], DTYPES]
+    param_names = ["op:layouts", "shape", "dtype"]
+    timeout = 300
+
+    def setup(self, case, shape, dtype):
+        op, layouts = case.split(":")
+        names = {"n": "nchw", "c": "channels_last"}
+        x, _, w, b = host_inputs(shape, dtype, names[layouts[0]])
+        arrays = [x] + [host_inputs(shape, dtype, names[code])[1]
+                        for code in layouts[1:-1]]
+        out = np.empty_like(host_inputs(shape, dtype, names[layouts[-1]])[0])
+        if op == "backward":
+            _, mean, invstd = nbn.batch_norm_forward_training(x, w, b, EPS)
+            self.run = lambda: nbn.batch_norm_backward(
+                arrays[1], x, w, mean, invstd, out=out)
+        else:
+            self.run = lambda: nbn.batch_norm_forward_training(
+                x, w, b, EPS, out=out)
+        self.run()  # compile (or load from the cache) outside the timing
+
+    def time_mixed_layouts(self, case, shape, dtype):
+        self.run()
+
+
 class PeakmemBatchNorm:
     """Peak resident memory of a forward and of a backward (inputs included)."""
     params = [["train", "backward"], ["32x64x56x56", "1024x256"], ["cpu", "cuda"]]
