@@ -206,8 +206,7 @@ def _address(typingctx, array, index):
     return numba_types.intp(array, index), codegen
 
 
-# Vector bytes of a transposed block: AVX's 256-bit registers, 8 x 8
-# float32 or 4 x 4 float64 values per ``_transpose_block``.
+# Vector bytes: AVX's 256-bit registers, 8 float32 or 4 float64 values.
 _BLOCK_BYTES = 32
 
 
@@ -228,77 +227,104 @@ _IN_LANE_STAGES = {
 }
 
 
-@intrinsic
-def _transpose_block(typingctx, src, src_index, src_step, dst, dst_index,
-                     dst_step):
-    """``dst[dst_index + j * dst_step + i] = src[src_index + i * src_step +
-    j]`` for the ``B x B`` block, ``B = _BLOCK_BYTES / itemsize``, of
-    float32 or float64 arrays; indices as in ``_item_pointer``, steps in
-    elements.
+def _transposed_registers(builder, load_half, first, width):
+    """The columns of the ``width x width`` block from source row ``first``
+    on, one register each.
 
     Each row is loaded in two halves so that the halves of rows ``i`` and
-    ``i + B/2`` share a register; the block then transposes within the
-    128-bit halves (``_IN_LANE_STAGES``) and needs no cross-half shuffle:
-    2 shuffles per register of float32, 1 of float64.
+    ``i + width/2`` share a register; the block then transposes within the
+    128-bit halves (``_IN_LANE_STAGES``) and needs no cross-half shuffle.
     """
-    if src.dtype != dst.dtype or src.dtype not in (numba_types.float32,
-                                                   numba_types.float64):
-        return None
+    half = width // 2
+    joined = _shuffle_mask(range(width))
+    rows = [builder.shuffle_vector(
+        load_half(first + i % half, i // half * half),
+        load_half(first + i % half + half, i // half * half), joined)
+        for i in range(width)]
+    stages = [_shuffle_mask(m) for m in _IN_LANE_STAGES[width]]
+    columns = []
+    # Register i holds columns i // half * half on: transpose each group
+    # of ``half`` registers within the 128-bit halves.
+    for group in range(0, width, half):
+        r = rows[group:group + half]
+        if width == 4:
+            columns += [builder.shuffle_vector(r[0], r[1], stages[0]),
+                        builder.shuffle_vector(r[0], r[1], stages[1])]
+            continue
+        low = [builder.shuffle_vector(r[k], r[k + 1], stages[0])
+               for k in (0, 2)]
+        high = [builder.shuffle_vector(r[k], r[k + 1], stages[1])
+                for k in (0, 2)]
+        columns += [builder.shuffle_vector(low[0], low[1], stages[2]),
+                    builder.shuffle_vector(low[0], low[1], stages[3]),
+                    builder.shuffle_vector(high[0], high[1], stages[2]),
+                    builder.shuffle_vector(high[0], high[1], stages[3])]
+    return columns
 
-    def codegen(context, builder, signature, args):
-        item = signature.args[0].dtype.bitwidth // 8
-        width = _BLOCK_BYTES // item
-        half = width // 2
-        element = context.get_value_type(signature.args[0].dtype)
-        vector = ir.VectorType(element, width)
-        half_vector = ir.VectorType(element, half)
-        src_pointer = _item_pointer(context, builder, signature, args)
-        dst_pointer = _item_pointer(
-            context, builder, signature.replace(args=signature.args[3:]),
-            args[3:])
-        src_step, dst_step = args[2], args[5]
 
-        def load_half(row, column):
-            offset = builder.add(
-                builder.mul(src_step, ir.Constant(src_step.type, row)),
-                ir.Constant(src_step.type, column))
-            pointer = builder.gep(src_pointer, [offset])
-            return builder.load(
-                builder.bitcast(pointer, half_vector.as_pointer()),
-                align=item)
+def _make_transpose_block(streaming):
+    """The intrinsic that copies a ``2B x B`` block, ``B = _BLOCK_BYTES /
+    itemsize``, transposed: ``dst[dst_index + j * dst_step + i] =
+    src[src_index + i * src_step + j]``, for float32 or float64 arrays;
+    indices as in ``_item_pointer``, steps in elements.
 
-        joined = _shuffle_mask(range(width))
-        rows = [builder.shuffle_vector(load_half(i % half, i // half * half),
-                                       load_half(i % half + half,
-                                                 i // half * half), joined)
-                for i in range(width)]
-        stages = [_shuffle_mask(m) for m in _IN_LANE_STAGES[width]]
-        columns = []
-        # Register i holds columns i // half * half on: transpose each
-        # group of ``half`` registers within the 128-bit halves.
-        for group in range(0, width, half):
-            r = rows[group:group + half]
-            if width == 4:
-                columns += [builder.shuffle_vector(r[0], r[1], stages[0]),
-                            builder.shuffle_vector(r[0], r[1], stages[1])]
-                continue
-            low = [builder.shuffle_vector(r[k], r[k + 1], stages[0])
-                   for k in (0, 2)]
-            high = [builder.shuffle_vector(r[k], r[k + 1], stages[1])
-                    for k in (0, 2)]
-            columns += [builder.shuffle_vector(low[0], low[1], stages[2]),
-                        builder.shuffle_vector(low[0], low[1], stages[3]),
-                        builder.shuffle_vector(high[0], high[1], stages[2]),
-                        builder.shuffle_vector(high[0], high[1], stages[3])]
-        for j, column in enumerate(columns):
-            pointer = builder.gep(dst_pointer, [
-                builder.mul(dst_step, ir.Constant(dst_step.type, j))])
-            builder.store(column, builder.bitcast(pointer,
-                                                  vector.as_pointer()),
-                          align=item)
-        return context.get_dummy_value()
-    return (numba_types.void(src, src_index, src_step, dst, dst_index,
-                             dst_step), codegen)
+    Each destination row gets ``2B`` values, ``_CACHE_LINE`` bytes, stored
+    one after the other: with ``streaming`` as nontemporal stores, which
+    then must be whole aligned lines, so that the write-combining buffers
+    fill one line at a time and write it past the caches.
+    """
+    @intrinsic
+    def transpose_block(typingctx, src, src_index, src_step, dst, dst_index,
+                        dst_step):
+        if src.dtype != dst.dtype or src.dtype not in (
+                numba_types.float32, numba_types.float64):
+            return None
+
+        def codegen(context, builder, signature, args):
+            item = signature.args[0].dtype.bitwidth // 8
+            width = _BLOCK_BYTES // item
+            element = context.get_value_type(signature.args[0].dtype)
+            vector = ir.VectorType(element, width)
+            half_vector = ir.VectorType(element, width // 2)
+            src_pointer = _item_pointer(context, builder, signature, args)
+            dst_pointer = _item_pointer(
+                context, builder, signature.replace(args=signature.args[3:]),
+                args[3:])
+            src_step, dst_step = args[2], args[5]
+
+            def load_half(row, column):
+                offset = builder.add(
+                    builder.mul(src_step, ir.Constant(src_step.type, row)),
+                    ir.Constant(src_step.type, column))
+                pointer = builder.gep(src_pointer, [offset])
+                return builder.load(
+                    builder.bitcast(pointer, half_vector.as_pointer()),
+                    align=item)
+
+            blocks = [_transposed_registers(builder, load_half, first, width)
+                      for first in (0, width)]
+            for j in range(width):
+                row = builder.gep(dst_pointer, [
+                    builder.mul(dst_step, ir.Constant(dst_step.type, j))])
+                for k, columns in enumerate(blocks):
+                    pointer = builder.gep(row, [ir.Constant(dst_step.type,
+                                                            k * width)])
+                    store = builder.store(
+                        columns[j], builder.bitcast(pointer,
+                                                    vector.as_pointer()),
+                        align=_BLOCK_BYTES if streaming else item)
+                    if streaming:
+                        store.set_metadata(
+                            "nontemporal", builder.module.add_metadata(
+                                [ir.Constant(ir.IntType(32), 1)]))
+            return context.get_dummy_value()
+        return (numba_types.void(src, src_index, src_step, dst, dst_index,
+                                 dst_step), codegen)
+    return transpose_block
+
+
+_transpose_block = _make_transpose_block(False)
+_transpose_block_streaming = _make_transpose_block(True)
 
 
 def _item_pointer(context, builder, signature, args):
@@ -827,35 +853,68 @@ def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, with_dy, relu,
 _TRANSPOSE_TILE = 64
 
 
-@njit(parallel=True, cache=True)
-def _transposed_copy(src3, dst3):
-    """``dst3[n, j, i] = src3[n, i, j]`` for C-contiguous ``(N, A, B)``
-    ``src3`` and ``(N, B, A)`` ``dst3``: NCHW data to channels-last and
-    back (see ``_relaid``), in ``_TRANSPOSE_TILE`` tiles of
-    ``_transpose_block`` blocks, the ragged edges element by element."""
+@njit(inline="always")
+def _transposed_tile(src3, dst3, t, tiles, col_tiles, row_tiles, block_first,
+                     block_stop, block_cols, stream):
+    """Tile ``t`` of ``_transposed_copy``: its blocks, then the rest of it
+    element by element (the first and last row tiles also take the rows
+    before the first block and after the last)."""
     n_samples, rows, cols = src3.shape
     width = _BLOCK_BYTES // src3.itemsize
-    row_tiles = -(-rows // _TRANSPOSE_TILE)
-    col_tiles = -(-cols // _TRANSPOSE_TILE)
-    tiles = row_tiles * col_tiles
-    block_rows = rows - rows % width
-    block_cols = cols - cols % width
-    for t in prange(n_samples * tiles):
-        n = t // tiles
-        row_tile = (t - n * tiles) // col_tiles
-        first_row = row_tile * _TRANSPOSE_TILE
-        first_col = (t - n * tiles - row_tile * col_tiles) * _TRANSPOSE_TILE
-        stop_row = min(rows, first_row + _TRANSPOSE_TILE)
-        stop_col = min(cols, first_col + _TRANSPOSE_TILE)
-        for i in range(first_row, min(stop_row, block_rows), width):
-            for j in range(first_col, min(stop_col, block_cols), width):
+    n = t // tiles
+    row_tile = (t - n * tiles) // col_tiles
+    first_col = (t - n * tiles - row_tile * col_tiles) * _TRANSPOSE_TILE
+    stop_col = min(cols, first_col + _TRANSPOSE_TILE)
+    first_row = block_first + row_tile * _TRANSPOSE_TILE
+    stop_row = min(block_stop, first_row + _TRANSPOSE_TILE)
+    for j in range(first_col, min(stop_col, block_cols), width):
+        for i in range(first_row, stop_row, 2 * width):
+            if stream:
+                _transpose_block_streaming(src3, (n, i, j), cols, dst3,
+                                           (n, j, i), rows)
+            else:
                 _transpose_block(src3, (n, i, j), cols, dst3, (n, j, i),
                                  rows)
-        for i in range(first_row, stop_row):
-            edge = first_col if i >= block_rows else max(first_col,
-                                                         block_cols)
-            for j in range(edge, stop_col):
-                dst3[n, j, i] = src3[n, i, j]
+    if row_tile == 0:
+        first_row = 0
+    if row_tile == row_tiles - 1:
+        stop_row = rows
+    for i in range(first_row, stop_row):
+        edge = (max(first_col, block_cols)
+                if block_first <= i < block_stop else first_col)
+        for j in range(edge, stop_col):
+            dst3[n, j, i] = src3[n, i, j]
+
+
+@njit(parallel=True, cache=True)
+def _transposed_copy(src3, dst3, lead, stream):
+    """``dst3[n, j, i] = src3[n, i, j]`` for C-contiguous ``(N, A, B)``
+    ``src3`` and ``(N, B, A)`` ``dst3``: NCHW data to channels-last and
+    back (see ``_relayout_copy``).
+
+    In ``_TRANSPOSE_TILE`` tiles of ``_transpose_block`` blocks, from source
+    row ``lead`` on, the ragged edges element by element. With ``stream``
+    the blocks' destination lines are whole cache lines (``lead`` aligns
+    them), stored nontemporally.
+    """
+    n_samples, rows, cols = src3.shape
+    depth = 2 * _BLOCK_BYTES // src3.itemsize
+    block_first = min(lead, rows)
+    block_stop = block_first + (rows - block_first) // depth * depth
+    block_cols = cols - cols % (depth // 2)
+    row_tiles = max(1, -(-(block_stop - block_first) // _TRANSPOSE_TILE))
+    col_tiles = -(-cols // _TRANSPOSE_TILE)
+    tiles = row_tiles * col_tiles
+    # One loop per kind of store, as in ``_affine_pass``.
+    if stream:
+        for t in prange(n_samples * tiles):
+            _transposed_tile(src3, dst3, t, tiles, col_tiles, row_tiles,
+                             block_first, block_stop, block_cols, True)
+            _fence_streaming_stores()
+    else:
+        for t in prange(n_samples * tiles):
+            _transposed_tile(src3, dst3, t, tiles, col_tiles, row_tiles,
+                             block_first, block_stop, block_cols, False)
 
 
 @register_jitable
@@ -1282,7 +1341,15 @@ def _relayout_copy(src, dst):
         src3, dst3 = src.reshape(planes), dst.transpose(axes).reshape(rows)
     else:
         src3, dst3 = src.transpose(axes).reshape(rows), dst.reshape(planes)
-    _launch(_transposed_copy, src3, dst3)
+    # Nontemporal stores as ``_streams`` decides them, for destination
+    # lines that all start at one offset in a cache line, which ``lead``
+    # skips.
+    address, item = dst.ctypes.data, dst.itemsize
+    line = dst3.shape[2] * item
+    stream = (2 * dst.nbytes >= _STREAM_WORKING_SET and address % item == 0
+              and line >= _STREAM_MIN_LINE and line % _CACHE_LINE == 0)
+    lead = -address % _CACHE_LINE // item if stream else 0
+    _launch(_transposed_copy, src3, dst3, lead, stream)
 
 
 def _relaid(a, channels_last):

@@ -134,19 +134,32 @@ def test_fused_backward_in_every_layout_combination(rng, shape):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("serial", [True, False])
-def test_transposed_copy_moves_every_element_once(rng, dtype, serial,
+@pytest.mark.parametrize("stream", [True, False])
+def test_transposed_copy_moves_every_element_once(rng, dtype, serial, stream,
                                                   monkeypatch):
-    # Whole blocks, ragged edges in either axis or both, tiles of one
-    # block and several, and nothing written around the destination.
+    # Whole blocks, ragged edges in either axis or both, tiles of one block
+    # and several, in both directions; destinations starting anywhere in a
+    # cache line, so that nontemporal stores begin after a lead (or are not
+    # used: lines of 49 values); nothing written around the destination.
     monkeypatch.setattr(cpu, "_SERIAL_BELOW", 2**62 if serial else 0)
-    for rows, cols in [(8, 8), (1, 1), (3, 130), (130, 3), (49, 512),
-                       (64, 200), (67, 9), (200, 67)]:
-        src = rng.normal(size=(3, rows, cols)).astype(dtype)
-        buffer = np.full(3 * rows * cols + 2, np.nan, dtype)
-        dst = buffer[1:-1].reshape(3, cols, rows)
-        cpu._launch(cpu._transposed_copy, src, dst)
-        np.testing.assert_array_equal(dst, src.transpose(0, 2, 1))
-        assert np.isnan(buffer[[0, -1]]).all()
+    monkeypatch.setattr(cpu, "_STREAM_WORKING_SET", 0 if stream else 2**62)
+    monkeypatch.setattr(cpu, "_STREAM_MIN_LINE", 0)
+    for channels, length in [(8, 8), (1, 2), (3, 130), (130, 3), (49, 512),
+                             (512, 49), (64, 200), (67, 9), (200, 67)]:
+        for to_channels_last in (True, False):
+            for offset in (0, 1, 5):
+                src = in_layout(rng.normal(size=(3, channels, length)).astype(dtype),
+                                not to_channels_last)
+                size = src.size
+                buffer = np.full(size + 16, np.nan, dtype)
+                memory = (3, length, channels) if to_channels_last else src.shape
+                dst = buffer[offset:offset + size].reshape(memory)
+                if to_channels_last:
+                    dst = dst.transpose(0, 2, 1)
+                cpu._relayout_copy(src, dst)
+                np.testing.assert_array_equal(dst, src)
+                outside = np.concatenate([buffer[:offset], buffer[offset + size:]])
+                assert np.isnan(outside).all()
 
 
 def test_arrays_in_the_other_layout_are_copied_once_inputs_left_alone(rng,
