@@ -1319,15 +1319,6 @@ def _in_other_layout(inputs, out):
             out is not None and _dense_layout(out) is other)
 
 
-def _empty_in_layout(shape, dtype, channels_last):
-    """A new ``(N, C, *spatial)`` array, channels-last or C-contiguous."""
-    if not channels_last:
-        return np.empty(shape, dtype)
-    axes = _channels_last_axes(len(shape))
-    return np.empty([shape[axis] for axis in axes], dtype).transpose(
-        np.argsort(axes))
-
-
 def _relayout_copy(src, dst):
     """``dst[...] = src`` for arrays of one shape and dtype, one C-contiguous
     and the other dense channels-last (``_dense_layout``)."""
@@ -1352,9 +1343,10 @@ def _relayout_copy(src, dst):
     _launch(_transposed_copy, src3, dst3, lead, stream)
 
 
-def _relaid(a, channels_last):
-    """A copy of dense ``a`` in the other layout (``channels_last`` or not)."""
-    copy = _empty_in_layout(a.shape, a.dtype, channels_last)
+def _relaid(a, x):
+    """A copy of dense ``a`` in the memory layout of ``x``, dense in the
+    other one."""
+    copy = _allocate(_allocation(x), a.dtype)
     _relayout_copy(a, copy)
     return copy
 
@@ -1398,7 +1390,7 @@ def _views(inputs, out):
     if copies:
         inputs = [np.ascontiguousarray(a) for a in inputs]
     if minority:
-        inputs = [_relaid(a, rows_layout) if i in minority else a
+        inputs = [_relaid(a, inputs[0]) if i in minority else a
                   for i, a in enumerate(inputs)]
     target = out if allocation is None else _allocate(allocation, dtype)
     arrays = (*inputs, target)
@@ -1459,8 +1451,7 @@ def _plan_views(inputs, out, writes_out):
     minority, out_in_other_layout = _in_other_layout(inputs, out)
     if minority:
         # Plan with arrays like their copies in x's layout.
-        channels_last = _dense_layout(inputs[0])
-        inputs = [_empty_in_layout(a.shape, dtype, channels_last)
+        inputs = [_allocate(_allocation(inputs[0]), dtype)
                   if i in minority else a for i, a in enumerate(inputs)]
     if out_in_other_layout:
         allocation = _allocation(inputs[0])
@@ -1486,7 +1477,7 @@ def _plan_views(inputs, out, writes_out):
     if not is_channels_last(shape4, arrays[0].reshape(shape4).strides):
         return copies, allocation, shape4, False, None, minority
     # The arrays with their channel axis last: (N, R, S, C) walks.
-    channel_last = (0, *range(2, target.ndim), 1)
+    channel_last = _channels_last_axes(target.ndim)
     walks = [a.transpose(channel_last) for a in arrays]
     if (not walks[-1].flags.c_contiguous
             and all([w.flags.c_contiguous for w in walks[:-1]])):
