@@ -1468,7 +1468,10 @@ def _plan_views(inputs, out, writes_out):
         if geometry is None:
             # Every call copies the inputs to C order: plan with new
             # C-order arrays, whose strides are the copies', not the copies.
+            # Those copies bring any input in the other layout to C order
+            # too, so none is copied into x's first.
             copies = True
+            minority = ()
             allocation = (target.shape, None)
             arrays = [_allocate(allocation, dtype) for _ in arrays]
             geometry = canonical_geometry(target.shape,
