@@ -454,6 +454,14 @@ def _coefficient(vector, c):
 
 
 @register_jitable
+def _segment(vector, first, stop):
+    """``vector[first:stop]``; None (a folded mean) stays None."""
+    if vector is None:
+        return vector
+    return vector[first:stop]
+
+
+@register_jitable
 def _tiled(vector, width):
     """A per-channel ``vector`` repeated to fill rows of ``width`` values
     (rows of several positions, see ``_plan_views``); None stays None.
@@ -853,37 +861,67 @@ def _affine_pass_rows(xp, mean, scale, offset, dyp, gain, with_dy, relu,
 _TRANSPOSE_TILE = 64
 
 
-@njit(inline="always")
-def _transposed_tile(src3, dst3, t, tiles, col_tiles, row_tiles, block_first,
-                     block_stop, block_cols, stream):
-    """Tile ``t`` of ``_transposed_copy``: its blocks, then the rest of it
-    element by element (the first and last row tiles also take the rows
-    before the first block and after the last)."""
+@register_jitable
+def _tile_plan(src3, lead):
+    """How ``_transposed_copy`` and ``_affine_pass_transposed`` cut
+    C-contiguous ``(N, A, B)`` ``src3`` into ``_TRANSPOSE_TILE`` tiles:
+    ``(block_first, block_stop, block_cols, row_tiles, col_tiles)``. Rows
+    ``block_first`` (``lead``) to ``block_stop`` and columns up to
+    ``block_cols`` go through ``_transpose_block`` blocks, the ragged
+    edges element by element."""
     n_samples, rows, cols = src3.shape
-    width = _BLOCK_BYTES // src3.itemsize
+    depth = 2 * _BLOCK_BYTES // src3.itemsize
+    block_first = min(lead, rows)
+    block_stop = block_first + (rows - block_first) // depth * depth
+    block_cols = cols - cols % (depth // 2)
+    row_tiles = max(1, -(-(block_stop - block_first) // _TRANSPOSE_TILE))
+    col_tiles = -(-cols // _TRANSPOSE_TILE)
+    return block_first, block_stop, block_cols, row_tiles, col_tiles
+
+
+@register_jitable
+def _tile_extent(t, rows, cols, plan):
+    """Tile ``t`` of ``_tile_plan``'s ``plan``: ``(n, low, high, first_row,
+    stop_row, first_col, stop_col)``, rows ``low`` to ``high`` and columns
+    ``first_col`` to ``stop_col`` of sample ``n``, of which rows
+    ``first_row`` to ``stop_row`` are in blocks (the first and last row
+    tiles also take the rows before the first block and after the last)."""
+    block_first, block_stop, block_cols, row_tiles, col_tiles = plan
+    tiles = row_tiles * col_tiles
     n = t // tiles
     row_tile = (t - n * tiles) // col_tiles
     first_col = (t - n * tiles - row_tile * col_tiles) * _TRANSPOSE_TILE
-    stop_col = min(cols, first_col + _TRANSPOSE_TILE)
     first_row = block_first + row_tile * _TRANSPOSE_TILE
     stop_row = min(block_stop, first_row + _TRANSPOSE_TILE)
+    low = 0 if row_tile == 0 else first_row
+    high = rows if row_tile == row_tiles - 1 else stop_row
+    return (n, low, high, first_row, stop_row, first_col,
+            min(cols, first_col + _TRANSPOSE_TILE))
+
+
+@njit(inline="always")
+def _transposed_tile(src, src_n, row_shift, col_shift, dst3, extent,
+                     block_cols, stream):
+    """``dst3[n, j, i] = src[src_n, i - row_shift, j - col_shift]`` over
+    the tile ``extent`` (``_tile_extent``): its blocks, then the rest
+    element by element."""
+    n, low, high, first_row, stop_row, first_col, stop_col = extent
+    width = _BLOCK_BYTES // src.itemsize
+    src_step, dst_step = src.shape[2], dst3.shape[2]
     for j in range(first_col, min(stop_col, block_cols), width):
         for i in range(first_row, stop_row, 2 * width):
             if stream:
-                _transpose_block_streaming(src3, (n, i, j), cols, dst3,
-                                           (n, j, i), rows)
+                _transpose_block_streaming(
+                    src, (src_n, i - row_shift, j - col_shift), src_step,
+                    dst3, (n, j, i), dst_step)
             else:
-                _transpose_block(src3, (n, i, j), cols, dst3, (n, j, i),
-                                 rows)
-    if row_tile == 0:
-        first_row = 0
-    if row_tile == row_tiles - 1:
-        stop_row = rows
-    for i in range(first_row, stop_row):
-        edge = (max(first_col, block_cols)
-                if block_first <= i < block_stop else first_col)
+                _transpose_block(src, (src_n, i - row_shift, j - col_shift),
+                                 src_step, dst3, (n, j, i), dst_step)
+    for i in range(low, high):
+        edge = (max(first_col, block_cols) if first_row <= i < stop_row
+                else first_col)
         for j in range(edge, stop_col):
-            dst3[n, j, i] = src3[n, i, j]
+            dst3[n, j, i] = src[src_n, i - row_shift, j - col_shift]
 
 
 @njit(parallel=True, cache=True)
@@ -892,29 +930,88 @@ def _transposed_copy(src3, dst3, lead, stream):
     ``src3`` and ``(N, B, A)`` ``dst3``: NCHW data to channels-last and
     back (see ``_relayout_copy``).
 
-    In ``_TRANSPOSE_TILE`` tiles of ``_transpose_block`` blocks, from source
-    row ``lead`` on, the ragged edges element by element. With ``stream``
-    the blocks' destination lines are whole cache lines (``lead`` aligns
-    them), stored nontemporally.
+    In the tiles of ``_tile_plan``, from source row ``lead`` on. With
+    ``stream`` the blocks' destination lines are whole cache lines
+    (``lead`` aligns them), stored nontemporally.
     """
     n_samples, rows, cols = src3.shape
-    depth = 2 * _BLOCK_BYTES // src3.itemsize
-    block_first = min(lead, rows)
-    block_stop = block_first + (rows - block_first) // depth * depth
-    block_cols = cols - cols % (depth // 2)
-    row_tiles = max(1, -(-(block_stop - block_first) // _TRANSPOSE_TILE))
-    col_tiles = -(-cols // _TRANSPOSE_TILE)
-    tiles = row_tiles * col_tiles
+    plan = _tile_plan(src3, lead)
+    tiles = n_samples * plan[3] * plan[4]
     # One loop per kind of store, as in ``_affine_pass``.
     if stream:
-        for t in prange(n_samples * tiles):
-            _transposed_tile(src3, dst3, t, tiles, col_tiles, row_tiles,
-                             block_first, block_stop, block_cols, True)
+        for t in prange(tiles):
+            extent = _tile_extent(t, rows, cols, plan)
+            _transposed_tile(src3, extent[0], 0, 0, dst3, extent, plan[2],
+                             True)
             _fence_streaming_stores()
     else:
-        for t in prange(n_samples * tiles):
-            _transposed_tile(src3, dst3, t, tiles, col_tiles, row_tiles,
-                             block_first, block_stop, block_cols, False)
+        for t in prange(tiles):
+            extent = _tile_extent(t, rows, cols, plan)
+            _transposed_tile(src3, extent[0], 0, 0, dst3, extent, plan[2],
+                             False)
+
+
+@njit(inline="always")
+def _affine_tile(x3, mean, scale, offset, dy3, gain, with_dy, relu,
+                 channel_rows, out3, t, plan, stream):
+    """Tile ``t`` of ``_affine_pass_transposed``: its values into a tile
+    in ``x3``'s layout, which stays in the core's L1 cache, then
+    transposed into ``out3``."""
+    n_samples, rows, cols = x3.shape
+    extent = _tile_extent(t, rows, cols, plan)
+    n, low, high, _, _, first_col, stop_col = extent
+    depth = 2 * _BLOCK_BYTES // x3.itemsize
+    tile = np.empty((1, _TRANSPOSE_TILE + 2 * depth, _TRANSPOSE_TILE),
+                    out3.dtype)
+    # Loops over row slices from 0, as in ``_chunk_affine``: LLVM then
+    # knows the indices are not negative (which Numba would wrap around)
+    # and vectorizes them.
+    width = stop_col - first_col
+    if not channel_rows:
+        mean = _segment(mean, first_col, stop_col)
+        scale, offset = scale[first_col:stop_col], offset[first_col:stop_col]
+        gain = gain[first_col:stop_col]
+    for i in range(low, high):
+        x_row = x3[n, i, first_col:stop_col]
+        dy_row = dy3[n, i, first_col:stop_col]
+        tile_row = tile[0, i - low]
+        if channel_rows:
+            m, a, b, g = _coefficient(mean, i), scale[i], offset[i], gain[i]
+            for k in range(width):
+                tile_row[k] = _channel.affine_element(
+                    x_row[k], dy_row[k], m, a, b, g, with_dy, relu)
+        else:
+            for k in range(width):
+                tile_row[k] = _row_element(x_row, dy_row, k, mean, scale,
+                                           offset, gain, with_dy, relu)
+    _transposed_tile(tile, 0, low, first_col, out3, extent, plan[2], stream)
+
+
+@njit(parallel=True, cache=True, fastmath=_AFFINE_FLAGS)
+def _affine_pass_transposed(x3, mean, scale, offset, dy3, gain, with_dy,
+                            relu, channel_rows, out3, lead, stream):
+    """``_affine_pass`` from C-contiguous ``(N, A, B)`` ``x3`` and ``dy3``
+    into ``(N, B, A)`` ``out3``, the other memory layout: channels are
+    ``x3``'s rows (NCHW data) with ``channel_rows``, else its columns.
+
+    Each value is ``_channel.affine_element`` of the same coefficients as
+    in ``_affine_pass`` and ``_affine_pass_rows``, so the results are
+    theirs to the bit, stored as ``_transposed_copy`` stores (``lead``,
+    ``stream``) without the copy's second pass.
+    """
+    n_samples, rows, cols = x3.shape
+    plan = _tile_plan(x3, lead)
+    mean, offset = _folded(x3, mean, scale, offset)
+    # One loop per kind of store, as in ``_affine_pass``.
+    if stream:
+        for t in prange(n_samples * plan[3] * plan[4]):
+            _affine_tile(x3, mean, scale, offset, dy3, gain, with_dy, relu,
+                         channel_rows, out3, t, plan, True)
+            _fence_streaming_stores()
+    else:
+        for t in prange(n_samples * plan[3] * plan[4]):
+            _affine_tile(x3, mean, scale, offset, dy3, gain, with_dy, relu,
+                         channel_rows, out3, t, plan, False)
 
 
 @register_jitable
@@ -1054,7 +1151,7 @@ _SERIAL_TWINS = {kernel: _serial_twin(kernel)
                  for kernel in (_channel_partials, _channel_partials_rows,
                                 _affine_pass, _affine_pass_rows,
                                 _forward_per_channel, _backward_per_channel,
-                                _transposed_copy)}
+                                _transposed_copy, _affine_pass_transposed)}
 _launch_lock = threading.Lock()
 _parallel_unsafe = False
 
@@ -1191,12 +1288,13 @@ def _residual_views(x, residual, out):
 
 
 def _add_residual(x4, mean, scale, offset, residual4, y4, rows_layout,
-                  with_residual, relu):
+                  with_residual, relu, other):
     """``y4 = relu((x4 - mean) * scale + offset + residual4)``, each step
-    where asked: ``_affine`` with a gain of 1 on the residual."""
+    where asked: ``_affine`` with a gain of 1 on the residual (``other``
+    and the result as there)."""
     gain = np.ones(mean.shape[0]) if with_residual else scale  # unread
-    _affine(x4, mean, scale, offset, residual4, gain, with_residual, y4,
-            rows_layout, relu)
+    return _affine(x4, mean, scale, offset, residual4, gain, with_residual,
+                   y4, rows_layout, relu, other)
 
 
 def _streams(out, arrays):
@@ -1211,9 +1309,25 @@ def _streams(out, arrays):
 
 
 def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, rows_layout,
-            relu=False):
+            relu=False, other=None):
     """``out4 = (x4 - mean) * scale + offset [+ gain * dy4]``, its ReLU with
-    ``relu``, on the views of ``_views``."""
+    ``relu``, on the views of ``_views``.
+
+    With ``other`` (``_other_layout_out``), the caller's ``out`` for which
+    ``out4`` is a stand-in in ``x``'s layout, the pass writes ``other``
+    instead, through tiles in the cache (``_affine_pass_transposed``): one
+    pass, where the stand-in and its copy into ``other`` take three.
+    Returns whether it wrote ``other``.
+    """
+    if (other is not None and _dense_layout(other) is (not rows_layout)
+            and x4.flags.c_contiguous and dy4.flags.c_contiguous):
+        out3 = _walked(other, not rows_layout)
+        shape3 = (out3.shape[0], out3.shape[2], out3.shape[1])
+        _launch(_affine_pass_transposed, x4.reshape(shape3), mean, scale,
+                offset, dy4.reshape(shape3), gain, with_dy, relu,
+                not rows_layout, out3,
+                *_transposed_stores(other, out3, 3 if with_dy else 2))
+        return True
     stream = _streams(out4, 3 if with_dy else 2)
     if rows_layout:
         _launch(_affine_pass_rows, x4, mean, scale, offset, dy4, gain,
@@ -1221,6 +1335,18 @@ def _affine(x4, mean, scale, offset, dy4, gain, with_dy, out4, rows_layout,
     else:
         _launch(_affine_pass, x4, mean, scale, offset, dy4, gain, with_dy,
                 relu, out4, stream)
+    return False
+
+
+def _other_layout_out(target, out):
+    """``out``, where ``target``, the array the kernels write (``_views``),
+    is a stand-in for it in ``x``'s dense layout, ``out`` being dense in the
+    other one, of the same dtype (see ``_in_other_layout``); else None."""
+    if out is None or target is out or out.dtype != target.dtype:
+        return None
+    layout = _dense_layout(target)
+    return (out if layout is not None and _dense_layout(out) is (not layout)
+            else None)
 
 
 # --------------------------------------------------------------------------
@@ -1304,7 +1430,8 @@ def _in_other_layout(inputs, out):
     and whether ``out`` (None: one like ``x``) is in it.
 
     The kernels then see every array in ``x``'s layout: those inputs
-    through copies (``_relaid``), such an ``out`` through a stand-in that
+    through copies (``_relaid``), such an ``out`` through a stand-in, which
+    the element pass writes in its place where it can (``_affine``), else
     ``_write_back`` copies, so that the results are those of the call with
     every array in ``x``'s layout, to the last bit, whatever ``out`` is. A
     kernel reading across layouts walks one array with the stride of a
@@ -1319,28 +1446,41 @@ def _in_other_layout(inputs, out):
             out is not None and _dense_layout(out) is other)
 
 
+def _walked(a, channels_last):
+    """A C-contiguous 3-d view of ``(N, C, *spatial)`` ``a``, as
+    ``_transposed_copy`` and ``_affine_pass_transposed`` walk it:
+    ``(N, positions, C)`` of dense ``channels_last`` data, else
+    ``(N, C, positions)`` of C-contiguous data (a single channel or
+    position is both)."""
+    n_samples, n_channels = a.shape[:2]
+    positions = a.size // max(1, n_samples * n_channels)
+    # Reshapes of C-contiguous arrays: views, so the kernels write ``a``.
+    if not channels_last:
+        return a.reshape(n_samples, n_channels, positions)
+    return a.transpose(_channels_last_axes(a.ndim)).reshape(
+        n_samples, positions, n_channels)
+
+
+def _transposed_stores(dst, dst3, arrays):
+    """``(lead, stream)`` of a kernel that writes ``dst3``, a view of
+    ``dst``, through ``_transposed_tile``, in a pass over ``arrays`` arrays:
+    nontemporal stores as ``_streams`` decides them, for destination lines
+    that all start at one offset in a cache line, which ``lead`` skips."""
+    address, item = dst.ctypes.data, dst.itemsize
+    line = dst3.shape[2] * item
+    stream = (arrays * dst.nbytes >= _STREAM_WORKING_SET
+              and address % item == 0 and line >= _STREAM_MIN_LINE
+              and line % _CACHE_LINE == 0)
+    return (-address % _CACHE_LINE // item if stream else 0), stream
+
+
 def _relayout_copy(src, dst):
     """``dst[...] = src`` for arrays of one shape and dtype, one C-contiguous
     and the other dense channels-last (``_dense_layout``)."""
-    n_samples, n_channels = src.shape[:2]
-    positions = src.size // max(1, n_samples * n_channels)
-    axes = _channels_last_axes(src.ndim)
-    planes = (n_samples, n_channels, positions)
-    rows = (n_samples, positions, n_channels)
-    # Reshapes of C-contiguous arrays: views, so the kernel writes dst.
-    if src.flags.c_contiguous:
-        src3, dst3 = src.reshape(planes), dst.transpose(axes).reshape(rows)
-    else:
-        src3, dst3 = src.transpose(axes).reshape(rows), dst.reshape(planes)
-    # Nontemporal stores as ``_streams`` decides them, for destination
-    # lines that all start at one offset in a cache line, which ``lead``
-    # skips.
-    address, item = dst.ctypes.data, dst.itemsize
-    line = dst3.shape[2] * item
-    stream = (2 * dst.nbytes >= _STREAM_WORKING_SET and address % item == 0
-              and line >= _STREAM_MIN_LINE and line % _CACHE_LINE == 0)
-    lead = -address % _CACHE_LINE // item if stream else 0
-    _launch(_transposed_copy, src3, dst3, lead, stream)
+    to_channels_last = src.flags.c_contiguous
+    dst3 = _walked(dst, to_channels_last)
+    _launch(_transposed_copy, _walked(src, not to_channels_last), dst3,
+            *_transposed_stores(dst, dst3, 2))
 
 
 def _relaid(a, x):
@@ -1643,8 +1783,10 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
         _finish_batch_stats(shift, psum, psumsq, count, weight, bias, eps,
                             rm, rv, counter, momentum, cumulative, save_mean,
                             save_invstd, scale, offset)
-        _add_residual(x4, save_mean, scale, offset, residual4, y4,
-                      rows_layout, residual is not None, relu)
+        if _add_residual(x4, save_mean, scale, offset, residual4, y4,
+                         rows_layout, residual is not None, relu,
+                         _other_layout_out(y, out)):
+            y = out
     if running_mean is not None:
         _write_back(running_mean, rm)
         _write_back(running_var, rv)
@@ -1671,8 +1813,9 @@ def forward_running_stats(x, weight, bias, eps, running_mean, running_var,
     save_mean, save_invstd, scale, offset = _empties(4, x.shape[1])
     _finish_running_stats(running_mean, running_var, weight, bias, eps,
                           save_mean, save_invstd, scale, offset)
-    _add_residual(x4, save_mean, scale, offset, residual4, y4, rows_layout,
-                  residual is not None, relu)
+    if _add_residual(x4, save_mean, scale, offset, residual4, y4, rows_layout,
+                     residual is not None, relu, _other_layout_out(y, out)):
+        y = out
     return _deliver(y, x.dtype, out), save_mean, save_invstd
 
 
@@ -1786,14 +1929,18 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
                              batch_stats, grad_weight, grad_bias,
                              *_empties(3, n_channels))
         if batch_stats:
-            _affine(x4, save_mean, scale, offset, dy4, gain, True, dx4,
-                    rows_layout)
+            wrote_other = _affine(x4, save_mean, scale, offset, dy4, gain,
+                                  True, dx4, rows_layout,
+                                  other=_other_layout_out(dx, out))
         else:
             # Constant statistics: dx = gain * dy, which reads no x (NaN or
             # inf there must not reach dx, as in PyTorch).
             zeros = np.zeros(n_channels)
-            _affine(dy4, zeros, gain, zeros, dy4, gain, False, dx4,
-                    rows_layout)
+            wrote_other = _affine(dy4, zeros, gain, zeros, dy4, gain, False,
+                                  dx4, rows_layout,
+                                  other=_other_layout_out(dx, out))
+        if wrote_other:
+            dx = out
     if grad_dtype is not None:
         grad_weight = _to_dtype(grad_weight, grad_dtype)
         grad_bias = _to_dtype(grad_bias, grad_dtype)

@@ -4,7 +4,8 @@ A pass that LLVM leaves scalar still gives the right numbers, several times
 slower, so no other test notices: the channel-innermost affine pass's serial
 twin (every input under 32768 elements, and every pass of a forked child)
 once ran 4x slower for it. This reads the machine code instead of timing it.
-The transposed copy of mixed layouts must likewise move whole vectors.
+The transposed copy of mixed layouts, and the element pass that writes an
+out= in the other layout, must likewise move whole vectors.
 """
 import os
 import platform
@@ -37,6 +38,11 @@ SCRIPT = textwrap.dedent("""
     # dy in the other layout than x: a transposed copy.
     nbn.batch_norm_backward(inputs[3].astype(np.float32), inputs[1].astype(
         np.float32), None, np.zeros(16), np.ones(16))
+    # out= in the other layout than x, both ways: the transposing pass.
+    for x, out in [(inputs[1], inputs[3]), (inputs[3], inputs[1])]:
+        ones = np.ones(16, np.float32)
+        nbn.batch_norm(x.astype(np.float32), ones, ones, ones, ones,
+                       out=np.empty_like(out, np.float32))
     for kernel, twin in cpu._SERIAL_TWINS.items():
         for signature in twin.signatures:
             asm = twin.inspect_asm(signature)
@@ -56,6 +62,7 @@ def test_serial_passes_convert_float32_in_vectors(tmp_path):
     counts = {name: (int(conversions), int(shuffles)) for name, conversions,
               shuffles in (line.split() for line in done.stdout.splitlines())}
     copy = counts.pop("_transposed_copy_serial")
+    transposing = counts.pop("_affine_pass_transposed_serial")
     assert set(counts) == {
         "_channel_partials_serial", "_channel_partials_rows_serial",
         "_affine_pass_serial", "_affine_pass_rows_serial",
@@ -63,3 +70,5 @@ def test_serial_passes_convert_float32_in_vectors(tmp_path):
     scalar = [name for name, (conversions, _) in counts.items() if conversions == 0]
     assert not scalar, f"LLVM left these passes scalar: {scalar}"
     assert copy[1] > 0, "the transposed copy's blocks went through no vector shuffle"
+    assert transposing[0] > 0, "LLVM left the transposing element pass scalar"
+    assert transposing[1] > 0, "the transposing pass's blocks went through no vector shuffle"

@@ -96,9 +96,15 @@ def test_forward_in_every_layout_combination(rng, shape, dtype):
         y, _, _ = nbn.batch_norm_forward_training(x, weight, bias, out=out)
         assert y is out
         close(y, trained, dtype)
+        # Whatever out's layout, the values of the call without it, which
+        # runs in x's layout, bit for bit.
+        np.testing.assert_array_equal(
+            y, nbn.batch_norm_forward_training(x, weight, bias)[0])
         out = empty(shape, dtype, out_cl)
         assert nbn.batch_norm(x, *running, weight, bias, out=out) is out
         close(out, evaluated, dtype)
+        np.testing.assert_array_equal(
+            out, nbn.batch_norm(x, *running, weight, bias))
         y, _, _ = nbn.batch_norm_forward_training(
             x, weight, bias, activation="relu", residual=residual)
         assert is_channels_last(y) == x_cl
@@ -132,20 +138,30 @@ def test_fused_backward_in_every_layout_combination(rng, shape):
         close(d_residual, g, dtype)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("serial", [True, False])
-@pytest.mark.parametrize("stream", [True, False])
-def test_transposed_copy_moves_every_element_once(rng, dtype, serial, stream,
-                                                  monkeypatch):
-    # Whole blocks, ragged edges in either axis or both, tiles of one block
-    # and several, in both directions; destinations starting anywhere in a
-    # cache line, so that nontemporal stores begin after a lead (or are not
-    # used: lines of 49 values); nothing written around the destination.
+# (channels, positions) of the transposing kernels' tests: whole blocks,
+# ragged edges in either axis or both, tiles of one block and several.
+TRANSPOSED_SHAPES = [(8, 8), (3, 130), (130, 3), (49, 512), (512, 49),
+                     (64, 200), (67, 9), (200, 67)]
+
+
+@pytest.fixture(params=[(serial, stream) for serial in (True, False)
+                        for stream in (True, False)],
+                ids=["serial-stream", "serial", "parallel-stream", "parallel"])
+def transposing(request, monkeypatch):
+    """Serial or parallel kernels, with nontemporal stores wherever the
+    lines allow them or none."""
+    serial, stream = request.param
     monkeypatch.setattr(cpu, "_SERIAL_BELOW", 2**62 if serial else 0)
     monkeypatch.setattr(cpu, "_STREAM_WORKING_SET", 0 if stream else 2**62)
     monkeypatch.setattr(cpu, "_STREAM_MIN_LINE", 0)
-    for channels, length in [(8, 8), (1, 2), (3, 130), (130, 3), (49, 512),
-                             (512, 49), (64, 200), (67, 9), (200, 67)]:
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transposed_copy_moves_every_element_once(rng, dtype, transposing):
+    # In both directions; destinations starting anywhere in a cache line,
+    # so that nontemporal stores begin after a lead (or are not used: lines
+    # of 49 values); nothing written around the destination.
+    for channels, length in [(1, 2), *TRANSPOSED_SHAPES]:
         for to_channels_last in (True, False):
             for offset in (0, 1, 5):
                 src = in_layout(rng.normal(size=(3, channels, length)).astype(dtype),
@@ -162,11 +178,42 @@ def test_transposed_copy_moves_every_element_once(rng, dtype, serial, stream,
                 assert np.isnan(outside).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_in_the_other_layout_is_written_directly(rng, dtype, transposing,
+                                                     monkeypatch):
+    # The element pass that writes an out= in the other layout through
+    # tiles (``_affine_pass_transposed``), on the copy's shapes and at its
+    # offsets: the values of the call without out=, bit for bit, nothing
+    # written around out, and no copy.
+    monkeypatch.setattr(cpu, "_relayout_copy", None)
+    for channels, length in TRANSPOSED_SHAPES:
+        mean, var = rng.normal(size=channels), rng.uniform(0.5, 2, channels)
+        weight, bias = rng.normal(size=channels), rng.normal(size=channels)
+        running = [a.astype(dtype) for a in (mean, var, weight, bias)]
+        for x_cl in (True, False):
+            x = in_layout(rng.normal(size=(3, channels, length)).astype(dtype),
+                          x_cl)
+            expected = nbn.batch_norm(x, *running)
+            for offset in (0, 1, 5):
+                buffer = np.full(x.size + 16, np.nan, dtype)
+                memory = x.shape if x_cl else (3, length, channels)
+                out = buffer[offset:offset + x.size].reshape(memory)
+                if not x_cl:
+                    out = out.transpose(0, 2, 1)
+                assert nbn.batch_norm(x, *running, out=out) is out
+                np.testing.assert_array_equal(out, expected)
+                outside = np.concatenate([buffer[:offset], buffer[offset + x.size:]])
+                assert np.isnan(outside).all()
+
+
 def test_arrays_in_the_other_layout_are_copied_once_inputs_left_alone(rng,
                                                                monkeypatch):
-    # One transposed copy per array in the other layout than x's (an
-    # input, or the out= written through a stand-in), none when the layouts
-    # match; the caller's inputs are never written.
+    # One transposed copy per input in the other layout than x's, none
+    # when the layouts match. An out= in the other layout is written
+    # directly by the two-pass backward that channels-last x takes here
+    # (``_affine_pass_transposed``), through a stand-in and a copy by the
+    # one-kernel-per-channel backward that NCHW x takes at this size. The
+    # caller's inputs are never written.
     copies = []
     real = cpu._relayout_copy
     monkeypatch.setattr(cpu, "_relayout_copy",
@@ -176,7 +223,7 @@ def test_arrays_in_the_other_layout_are_copied_once_inputs_left_alone(rng,
     dy_values = rng.normal(size=shape).astype(np.float32)
     _, save_mean, save_invstd = nbn.batch_norm_forward_training(x_values, None, None)
     for layouts, expected in [("nnn", 0), ("ccc", 0), ("ncn", 1), ("nnc", 1),
-                              ("cnn", 2), ("ccn", 1), ("ncc", 2), ("cnc", 1)]:
+                              ("cnn", 1), ("ccn", 0), ("ncc", 2), ("cnc", 1)]:
         x, dy, out = [in_layout(v, code == "c") for v, code
                       in zip((x_values, dy_values, np.empty(shape, np.float32)), layouts)]
         before = x.copy(), dy.copy()
