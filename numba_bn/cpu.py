@@ -655,7 +655,7 @@ def _affine_pass(x4, mean, scale, offset, dy4, gain, with_dy, relu, out4,
 def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
                          num_batches_tracked, momentum, cumulative, save_mean,
                          save_invstd, scale, offset, out4, stream, residual4,
-                         with_residual, relu):
+                         with_residual, relu, normalize):
     """Training forward, one channel per iteration: its shifted sums, its
     statistics (``_channel.finish_batch_stats``), then its normalization
     while its planes are still in the core's cache, so ``x`` comes from
@@ -666,7 +666,10 @@ def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
     ``with_residual`` it adds ``residual4``, with ``relu`` it applies the
     ReLU (``_channel.affine_element``). Compiled with
     ``_REDUCTION_FLAGS`` for the sums, which include the affine passes'
-    ``_AFFINE_FLAGS``.
+    ``_AFFINE_FLAGS``. Without ``normalize``, only the statistics and
+    coefficients: for an ``out`` in the other layout, which ``_affine``
+    then writes (``_affine_pass_transposed``), from the statistics of this
+    very code, so that the values are the matched call's to the bit.
     """
     n_samples, n_channels, rows, cols = x4.shape
     shift = np.empty(n_channels)
@@ -679,23 +682,25 @@ def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
             n_samples * rows * cols, weight, bias, eps, running_mean,
             running_var, num_batches_tracked, momentum, cumulative,
             save_mean, save_invstd, scale, offset)
-        mean, intercept = _folded(x4, save_mean[c], scale[c], offset[c])
-        for n in range(n_samples):
-            _plane_affine(x4, n, c, mean, scale[c], intercept, residual4,
-                          1.0, with_residual, relu, out4, rows, cols, stream)
-        if stream:
-            _fence_streaming_stores()
+        if normalize:
+            mean, intercept = _folded(x4, save_mean[c], scale[c], offset[c])
+            for n in range(n_samples):
+                _plane_affine(x4, n, c, mean, scale[c], intercept, residual4,
+                              1.0, with_residual, relu, out4, rows, cols,
+                              stream)
+            if stream:
+                _fence_streaming_stores()
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
 def _backward_per_channel(x4, dy4, save_mean, save_invstd, weight,
                           batch_stats, grad_weight, grad_bias, scale, offset,
-                          gain, dx4, stream, sum_x):
+                          gain, dx4, stream, sum_x, normalize):
     """Backward, one channel per iteration: its gradient sums, its
     coefficients (``_channel.finish_backward``), then its ``dx`` while
     ``x`` and ``dy`` are still in the core's cache (see
-    ``_forward_per_channel``). ``sum_x``: a ``(1, C)`` array for the sums
-    of ``x - save_mean``."""
+    ``_forward_per_channel``, also for ``normalize``). ``sum_x``: a
+    ``(1, C)`` array for the sums of ``x - save_mean``."""
     n_samples, n_channels, rows, cols = x4.shape
     totals = np.empty((3, n_channels))
     for c in prange(n_channels):
@@ -706,12 +711,14 @@ def _backward_per_channel(x4, dy4, save_mean, save_invstd, weight,
             range(c, c + 1), totals[0:1], totals[1:2],
             n_samples * rows * cols, save_invstd, weight, batch_stats,
             grad_weight, grad_bias, scale, offset, gain)
-        folded_mean, intercept = _folded(x4, mean, scale[c], offset[c])
-        for n in range(n_samples):
-            _plane_affine(x4, n, c, folded_mean, scale[c], intercept, dy4,
-                          gain[c], True, False, dx4, rows, cols, stream)
-        if stream:
-            _fence_streaming_stores()
+        if normalize:
+            folded_mean, intercept = _folded(x4, mean, scale[c], offset[c])
+            for n in range(n_samples):
+                _plane_affine(x4, n, c, folded_mean, scale[c], intercept,
+                              dy4, gain[c], True, False, dx4, rows, cols,
+                              stream)
+            if stream:
+                _fence_streaming_stores()
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
@@ -1754,6 +1761,7 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
         x, weight, bias, running_mean, running_var)
     y, x4, residual4, y4, rows_layout = _residual_views(x_compute, residual,
                                                         out)
+    other = _other_layout_out(y, out)
     n_channels = x.shape[1]
     save_mean, save_invstd, scale, offset = _empties(4, n_channels)
     counter = (None if num_batches_tracked is None
@@ -1762,13 +1770,17 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
     # only in the cache: from memory two passes over contiguous memory beat
     # one over a channel's planes a sample apart, as a float32 byte holds
     # twice the values to convert and sum. The backward keeps it (it saves
-    # two tensor reads per channel, not one).
-    if (moments is None and (x4.itemsize == 8 or not _from_memory(x4))
-            and _per_channel(x4, 1, rows_layout)):
+    # two tensor reads per channel, not one). For an ``out`` in the other
+    # layout it only computes the statistics, which ``_affine`` then
+    # applies: a channel's values are a cache line apart there.
+    per_channel = (moments is None
+                   and (x4.itemsize == 8 or not _from_memory(x4))
+                   and _per_channel(x4, 1, rows_layout))
+    if per_channel:
         _launch(_forward_per_channel, x4, weight, bias, eps, rm, rv, counter,
                 momentum, cumulative, save_mean, save_invstd, scale, offset,
                 y4, _streams(y4, 2 if residual is None else 3), residual4,
-                residual is not None, relu)
+                residual is not None, relu, other is None)
     else:
         if moments is None:
             # Sums of x - shift with a sample of each channel as its
@@ -1783,10 +1795,10 @@ def forward_batch_stats(x, weight, bias, eps, running_mean, running_var,
         _finish_batch_stats(shift, psum, psumsq, count, weight, bias, eps,
                             rm, rv, counter, momentum, cumulative, save_mean,
                             save_invstd, scale, offset)
-        if _add_residual(x4, save_mean, scale, offset, residual4, y4,
-                         rows_layout, residual is not None, relu,
-                         _other_layout_out(y, out)):
-            y = out
+    if (not per_channel or other is not None) and _add_residual(
+            x4, save_mean, scale, offset, residual4, y4, rows_layout,
+            residual is not None, relu, other):
+        y = out
     if running_mean is not None:
         _write_back(running_mean, rm)
         _write_back(running_var, rv)
@@ -1891,17 +1903,20 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
         sums = (count, psums[:2], None, 0)
         dy_compute = grad_output
     dx, (x4, dy4, dx4), rows_layout = _views([x_compute, dy_compute], out)
+    other = _other_layout_out(dx, out)
     grad_weight = grad_bias = None
     if grad_dtype is not None:
         grad_weight, grad_bias = _empties(2, n_channels,
                                           _compute_dtype(grad_dtype))
     scale, offset, gain = _empties(3, n_channels)
     reduces = sums is None and (batch_stats or grad_dtype is not None)
-    if reduces and batch_stats and _per_channel(x4, 2, rows_layout):
+    per_channel = reduces and batch_stats and _per_channel(x4, 2, rows_layout)
+    if per_channel:
+        # Without dx for an ``out`` in the other layout, as in the forward.
         sum_x = np.empty((1, n_channels))
         _launch(_backward_per_channel, x4, dy4, save_mean, save_invstd,
                 weight, batch_stats, grad_weight, grad_bias, scale, offset,
-                gain, dx4, _streams(dx4, 3), sum_x)
+                gain, dx4, _streams(dx4, 3), sum_x, other is None)
         # After dx, which the same kernel wrote: the module's state is
         # assigned only when this returns.
         _check_unchanged(x_check, sum_x, x4, rows_layout, count, save_mean,
@@ -1928,17 +1943,16 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
             _finish_backward(own[0], own[1], count, save_invstd, weight,
                              batch_stats, grad_weight, grad_bias,
                              *_empties(3, n_channels))
+    if not per_channel or other is not None:
         if batch_stats:
             wrote_other = _affine(x4, save_mean, scale, offset, dy4, gain,
-                                  True, dx4, rows_layout,
-                                  other=_other_layout_out(dx, out))
+                                  True, dx4, rows_layout, other=other)
         else:
-            # Constant statistics: dx = gain * dy, which reads no x (NaN or
-            # inf there must not reach dx, as in PyTorch).
+            # Constant statistics: dx = gain * dy, which reads no x (NaN
+            # or inf there must not reach dx, as in PyTorch).
             zeros = np.zeros(n_channels)
             wrote_other = _affine(dy4, zeros, gain, zeros, dy4, gain, False,
-                                  dx4, rows_layout,
-                                  other=_other_layout_out(dx, out))
+                                  dx4, rows_layout, other=other)
         if wrote_other:
             dx = out
     if grad_dtype is not None:
