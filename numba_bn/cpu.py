@@ -695,12 +695,12 @@ def _forward_per_channel(x4, weight, bias, eps, running_mean, running_var,
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
 def _backward_per_channel(x4, dy4, save_mean, save_invstd, weight,
                           batch_stats, grad_weight, grad_bias, scale, offset,
-                          gain, dx4, stream, sum_x, normalize):
+                          gain, dx4, stream, sum_x):
     """Backward, one channel per iteration: its gradient sums, its
     coefficients (``_channel.finish_backward``), then its ``dx`` while
     ``x`` and ``dy`` are still in the core's cache (see
-    ``_forward_per_channel``, also for ``normalize``). ``sum_x``: a
-    ``(1, C)`` array for the sums of ``x - save_mean``."""
+    ``_forward_per_channel``). ``sum_x``: a ``(1, C)`` array for the sums
+    of ``x - save_mean``."""
     n_samples, n_channels, rows, cols = x4.shape
     totals = np.empty((3, n_channels))
     for c in prange(n_channels):
@@ -711,14 +711,12 @@ def _backward_per_channel(x4, dy4, save_mean, save_invstd, weight,
             range(c, c + 1), totals[0:1], totals[1:2],
             n_samples * rows * cols, save_invstd, weight, batch_stats,
             grad_weight, grad_bias, scale, offset, gain)
-        if normalize:
-            folded_mean, intercept = _folded(x4, mean, scale[c], offset[c])
-            for n in range(n_samples):
-                _plane_affine(x4, n, c, folded_mean, scale[c], intercept,
-                              dy4, gain[c], True, False, dx4, rows, cols,
-                              stream)
-            if stream:
-                _fence_streaming_stores()
+        folded_mean, intercept = _folded(x4, mean, scale[c], offset[c])
+        for n in range(n_samples):
+            _plane_affine(x4, n, c, folded_mean, scale[c], intercept, dy4,
+                          gain[c], True, False, dx4, rows, cols, stream)
+        if stream:
+            _fence_streaming_stores()
 
 
 @njit(parallel=True, cache=True, fastmath=_REDUCTION_FLAGS)
@@ -1903,20 +1901,21 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
         sums = (count, psums[:2], None, 0)
         dy_compute = grad_output
     dx, (x4, dy4, dx4), rows_layout = _views([x_compute, dy_compute], out)
-    other = _other_layout_out(dx, out)
     grad_weight = grad_bias = None
     if grad_dtype is not None:
         grad_weight, grad_bias = _empties(2, n_channels,
                                           _compute_dtype(grad_dtype))
     scale, offset, gain = _empties(3, n_channels)
     reduces = sums is None and (batch_stats or grad_dtype is not None)
-    per_channel = reduces and batch_stats and _per_channel(x4, 2, rows_layout)
-    if per_channel:
-        # Without dx for an ``out`` in the other layout, as in the forward.
+    if reduces and batch_stats and _per_channel(x4, 2, rows_layout):
+        # With dx even for an ``out`` in the other layout, unlike the
+        # forward: a stand-in and its copy cost the two passes that a
+        # transposing pass would spend reading x and dy again, and measured
+        # faster in float32.
         sum_x = np.empty((1, n_channels))
         _launch(_backward_per_channel, x4, dy4, save_mean, save_invstd,
                 weight, batch_stats, grad_weight, grad_bias, scale, offset,
-                gain, dx4, _streams(dx4, 3), sum_x, other is None)
+                gain, dx4, _streams(dx4, 3), sum_x)
         # After dx, which the same kernel wrote: the module's state is
         # assigned only when this returns.
         _check_unchanged(x_check, sum_x, x4, rows_layout, count, save_mean,
@@ -1943,16 +1942,17 @@ def backward(dy, x, weight, save_mean, save_invstd, batch_stats, grad_dtype,
             _finish_backward(own[0], own[1], count, save_invstd, weight,
                              batch_stats, grad_weight, grad_bias,
                              *_empties(3, n_channels))
-    if not per_channel or other is not None:
         if batch_stats:
             wrote_other = _affine(x4, save_mean, scale, offset, dy4, gain,
-                                  True, dx4, rows_layout, other=other)
+                                  True, dx4, rows_layout,
+                                  other=_other_layout_out(dx, out))
         else:
-            # Constant statistics: dx = gain * dy, which reads no x (NaN
-            # or inf there must not reach dx, as in PyTorch).
+            # Constant statistics: dx = gain * dy, which reads no x (NaN or
+            # inf there must not reach dx, as in PyTorch).
             zeros = np.zeros(n_channels)
             wrote_other = _affine(dy4, zeros, gain, zeros, dy4, gain, False,
-                                  dx4, rows_layout, other=other)
+                                  dx4, rows_layout,
+                                  other=_other_layout_out(dx, out))
         if wrote_other:
             dx = out
     if grad_dtype is not None:

@@ -209,10 +209,11 @@ def test_out_in_the_other_layout_is_written_directly(rng, dtype, transposing,
 def test_arrays_in_the_other_layout_are_copied_once_inputs_left_alone(rng,
                                                                monkeypatch):
     # One transposed copy per input in the other layout than x's, none
-    # when the layouts match; an out= in the other layout is written
-    # directly (``_affine_pass_transposed``), after the two-pass sums that
-    # channels-last x takes here and after the one-kernel-per-channel sums
-    # that NCHW x takes. The caller's inputs are never written.
+    # when the layouts match. An out= in the other layout is written
+    # directly by the two-pass backward that channels-last x takes here
+    # (``_affine_pass_transposed``), through a stand-in and a copy by the
+    # one-kernel-per-channel backward that NCHW x takes at this size. The
+    # caller's inputs are never written.
     copies = []
     real = cpu._relayout_copy
     monkeypatch.setattr(cpu, "_relayout_copy",
@@ -221,8 +222,8 @@ def test_arrays_in_the_other_layout_are_copied_once_inputs_left_alone(rng,
     x_values = rng.normal(size=shape).astype(np.float32)
     dy_values = rng.normal(size=shape).astype(np.float32)
     _, save_mean, save_invstd = nbn.batch_norm_forward_training(x_values, None, None)
-    for layouts, expected in [("nnn", 0), ("ccc", 0), ("ncn", 1), ("nnc", 0),
-                              ("cnn", 1), ("ccn", 0), ("ncc", 1), ("cnc", 1)]:
+    for layouts, expected in [("nnn", 0), ("ccc", 0), ("ncn", 1), ("nnc", 1),
+                              ("cnn", 1), ("ccn", 0), ("ncc", 2), ("cnc", 1)]:
         x, dy, out = [in_layout(v, code == "c") for v, code
                       in zip((x_values, dy_values, np.empty(shape, np.float32)), layouts)]
         before = x.copy(), dy.copy()
@@ -231,6 +232,13 @@ def test_arrays_in_the_other_layout_are_copied_once_inputs_left_alone(rng,
         assert len(copies) == expected, layouts
         np.testing.assert_array_equal(x, before[0])
         np.testing.assert_array_equal(dy, before[1])
+    # The training forward writes an out= in the other layout directly
+    # after either kind of sums (one kernel per channel for NCHW x here).
+    for x_cl in (False, True):
+        copies.clear()
+        nbn.batch_norm_forward_training(in_layout(x_values, x_cl), None, None,
+                                        out=empty(shape, np.float32, not x_cl))
+        assert not copies, x_cl
 
 
 def test_unmergeable_out_beside_mixed_layouts_copies_once_to_c_order(rng, monkeypatch):
